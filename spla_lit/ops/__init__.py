@@ -1,0 +1,40 @@
+"""Functional SPLA ops (``[B, N, H, D]`` layout, like flash-attn and fla).
+
+PyTorch references here; Triton kernels in ``spla_kernels`` are dispatched on CUDA (``impl="auto"``).
+"""
+
+from .blocks import selected_causal_counts, selected_key_mask, token_block_idx, visible_blocks
+from .feature_maps import FEATURE_MAPS, feature_dim, feature_map
+from .linear_attention import (
+    causal_linear_attention,
+    explicit_residual_linear_attention,
+    residual_linear_attention,
+    selected_linear_attention,
+)
+from .scoring import block_key_stats, block_scores, exact_block_log_mass
+from .selection import min_topk, select_blocks
+from .sparse_attention import block_sparse_attention
+from .spla import combine_add, combine_joint, spla_attention
+
+__all__ = [
+    "FEATURE_MAPS",
+    "block_key_stats",
+    "block_scores",
+    "block_sparse_attention",
+    "causal_linear_attention",
+    "combine_add",
+    "combine_joint",
+    "exact_block_log_mass",
+    "explicit_residual_linear_attention",
+    "feature_dim",
+    "feature_map",
+    "min_topk",
+    "residual_linear_attention",
+    "select_blocks",
+    "selected_causal_counts",
+    "selected_key_mask",
+    "selected_linear_attention",
+    "spla_attention",
+    "token_block_idx",
+    "visible_blocks",
+]

@@ -1,0 +1,107 @@
+"""Argument checks shared by the functional ops.
+
+Every public op validates its inputs before computing anything and raises ``ValueError`` naming the
+offending argument, so a bad call fails loudly and early instead of deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SCORERS = ("taylor2", "taylor1", "random", "oracle")
+COVARIANCES = ("diag", "full", "lowrank")
+HEAD_REDUCTIONS = ("lse", "max", "mean")
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+    return value  # type: ignore[return-value]
+
+
+def check_bshd(name: str, x: object) -> torch.Tensor:
+    """``x`` must be a floating tensor laid out ``[B, N, H, D]``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [B, N, H, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has an empty sequence dimension (N = 0)")
+    return x
+
+
+def check_qk(q: object, k: object, *, q_name: str = "q", k_name: str = "k") -> tuple[int, int, int, int, int]:
+    """Check a query/key pair; return ``(B, N, Hq, Hkv, D)``."""
+    q = check_bshd(q_name, q)
+    k = check_bshd(k_name, k)
+    if k.dtype != q.dtype:
+        raise ValueError(f"{k_name}.dtype ({k.dtype}) must match {q_name}.dtype ({q.dtype})")
+    if k.device != q.device:
+        raise ValueError(f"{k_name} is on {k.device} but {q_name} is on {q.device}")
+    B, N, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != N:
+        raise ValueError(
+            f"{k_name} has [B, N] = {list(k.shape[:2])} but {q_name} has {[B, N]}; they must match"
+        )
+    Hkv = k.shape[2]
+    if k.shape[3] != D:
+        raise ValueError(f"{k_name} head dim {k.shape[3]} must equal {q_name} head dim {D}")
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"{q_name} has {Hq} heads, which is not a multiple of the {Hkv} heads of {k_name} "
+            "(grouped-query attention needs Hq % Hkv == 0)"
+        )
+    return B, N, Hq, Hkv, D
+
+
+def check_values(v: object, k: torch.Tensor, *, v_name: str = "v", k_name: str = "k") -> torch.Tensor:
+    v = check_bshd(v_name, v)
+    if v.dtype != k.dtype:
+        raise ValueError(f"{v_name}.dtype ({v.dtype}) must match {k_name}.dtype ({k.dtype})")
+    if v.device != k.device:
+        raise ValueError(f"{v_name} is on {v.device} but {k_name} is on {k.device}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"{v_name} has [B, N, H] = {list(v.shape[:3])} but {k_name} has {list(k.shape[:3])}"
+        )
+    return v
+
+
+def check_block_idx(
+    block_idx: object, *, batch: int, kv_heads: int, num_q_blocks: int, device: torch.device
+) -> torch.Tensor:
+    if not isinstance(block_idx, torch.Tensor):
+        raise ValueError(f"block_idx must be a torch.Tensor, got {type(block_idx).__name__}")
+    if block_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_idx must be int32 or int64, got {block_idx.dtype}")
+    if block_idx.dim() != 4 or tuple(block_idx.shape[:3]) != (batch, kv_heads, num_q_blocks):
+        raise ValueError(
+            f"block_idx must be [B, Hkv, nQ, topk] = [{batch}, {kv_heads}, {num_q_blocks}, topk], "
+            f"got shape {tuple(block_idx.shape)}"
+        )
+    if block_idx.device != device:
+        raise ValueError(f"block_idx is on {block_idx.device} but the inputs are on {device}")
+    return block_idx
+
+
+def check_query_block(query_block: int, block_size: int) -> None:
+    """A query block larger than one token must tile evenly with the KV blocks."""
+    check_positive_int("block_size", block_size)
+    check_positive_int("query_block", query_block)
+    if query_block > 1 and query_block % block_size and block_size % query_block:
+        raise ValueError(
+            f"query_block ({query_block}) and block_size ({block_size}) must divide one another"
+        )
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,49 @@
+"""Choose between the PyTorch reference and the Triton kernels.
+
+``impl="auto"`` takes the Triton kernel when every tensor is on CUDA and ``spla_kernels`` provides the op;
+``"triton"`` forces it (on CPU tensors it runs only under ``TRITON_INTERPRET=1``); ``"reference"`` forces
+the PyTorch path. The environment variable ``SPLA_IMPL`` overrides ``"auto"`` globally.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+
+import torch
+
+from ._checks import check_choice
+
+IMPLS = ("auto", "reference", "triton")
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    try:
+        return importlib.import_module("spla_kernels")
+    except ImportError:  # triton missing or the kernels package not installed
+        return None
+
+
+def kernel(name: str):
+    """The Triton entry point ``spla_kernels.<name>``, or None when unavailable."""
+    mod = _kernels()
+    return getattr(mod, name, None) if mod is not None else None
+
+
+def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
+    check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        impl = os.environ.get("SPLA_IMPL", "auto")
+        check_choice("SPLA_IMPL", impl, IMPLS)
+    if impl == "reference":
+        return False
+    available = kernel(op) is not None
+    if impl == "triton":
+        if not available:
+            raise RuntimeError(f"impl='triton' was requested but no Triton kernel for {op} is available")
+        if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"impl='triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+        return True
+    return available and all(t.is_cuda for t in tensors)

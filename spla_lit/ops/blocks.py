@@ -1,0 +1,83 @@
+"""Block bookkeeping shared by the ops: which key blocks each query block can see, and the
+per-token view of a block selection.
+
+Conventions: key blocks are ``block_size`` tokens, query blocks ``query_block`` tokens; the last of
+either may be partial. Query block ``t`` covers tokens ``[t * query_block, min((t+1) * query_block, N))``
+and may see key block ``b`` iff ``b * block_size <= last token of the query block``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import cdiv
+
+
+def num_blocks(n: int, block_size: int) -> int:
+    return cdiv(n, block_size)
+
+
+def diagonal_blocks(num_q_blocks: int, num_k_blocks: int, query_block: int, block_size: int,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """Index of the last key block each query block can see (the block holding its last token). [nQ]"""
+    t = torch.arange(num_q_blocks, device=device)
+    last_token = (t + 1) * query_block - 1
+    return torch.clamp(last_token // block_size, max=num_k_blocks - 1)
+
+
+def visible_blocks(num_q_blocks: int, num_k_blocks: int, query_block: int, block_size: int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Bool [nQ, nK]: key block b is causally visible to query block t."""
+    diag = diagonal_blocks(num_q_blocks, num_k_blocks, query_block, block_size, device)
+    return torch.arange(num_k_blocks, device=device)[None, :] <= diag[:, None]
+
+
+def forced_blocks(num_q_blocks: int, num_k_blocks: int, query_block: int, block_size: int,
+                  local_blocks: int, sink_blocks: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool [nQ, nK]: blocks always kept: the ``local_blocks`` most recent visible blocks, every block
+    overlapping the query block itself, and the first ``sink_blocks`` blocks (when visible)."""
+    t = torch.arange(num_q_blocks, device=device)
+    diag = diagonal_blocks(num_q_blocks, num_k_blocks, query_block, block_size, device)
+    first = (t * query_block) // block_size
+    lo = torch.clamp(torch.minimum(first, diag - local_blocks + 1), min=0)
+    b = torch.arange(num_k_blocks, device=device)[None, :]
+    visible = b <= diag[:, None]
+    return visible & ((b >= lo[:, None]) | (b < sink_blocks))
+
+
+def token_block_idx(block_idx: torch.Tensor, n: int, query_block: int) -> torch.Tensor:
+    """Expand a selection ``[B, Hkv, nQ, topk]`` to one row per token ``[B, Hkv, N, topk]``."""
+    if query_block == 1:
+        return block_idx
+    return block_idx.repeat_interleave(query_block, dim=2)[:, :, :n]
+
+
+def selected_key_mask(block_idx: torch.Tensor, n: int, block_size: int, query_block: int) -> torch.Tensor:
+    """Dense bool mask ``[B, Hkv, N, N]``: key j is selected for query i and ``j <= i``.
+
+    O(N^2) memory: for references and tests, never on a fast path.
+    """
+    B, H, _, _ = block_idx.shape
+    nK = num_blocks(n, block_size)
+    tok = token_block_idx(block_idx, n, query_block).long()
+    chosen = torch.zeros(B, H, n, nK + 1, dtype=torch.bool, device=block_idx.device)
+    # -1 padding lands in the spare column nK, which is dropped.
+    chosen.scatter_(-1, torch.where(tok < 0, nK, tok), True)
+    key_block = torch.arange(n, device=block_idx.device) // block_size
+    mask = chosen[..., key_block]  # [B, H, N, N]
+    causal = torch.ones(n, n, dtype=torch.bool, device=block_idx.device).tril()
+    return mask & causal
+
+
+def selected_causal_counts(block_idx: torch.Tensor, n: int, block_size: int, query_block: int) -> torch.Tensor:
+    """Number of selected keys ``j <= i`` for each token i, exactly, as int64 ``[B, Hkv, N]``.
+
+    Lets the residual be set to exactly zero where nothing is left unselected, instead of leaving
+    the rounding noise of ``global - selected``.
+    """
+    tok = token_block_idx(block_idx, n, query_block).long()
+    i = torch.arange(n, device=block_idx.device)[None, None, :, None]
+    start = tok * block_size
+    end = torch.clamp(torch.minimum(start + block_size - 1, i), max=n - 1)
+    count = torch.clamp(end - start + 1, min=0)
+    return torch.where(tok >= 0, count, 0).sum(-1)

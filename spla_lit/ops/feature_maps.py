@@ -1,0 +1,59 @@
+"""Feature maps ``phi`` for the residual linear attention, applied per head to ``[..., D]`` vectors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice
+
+
+def elu1(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1: positive, so the normalized form is well defined."""
+    return F.elu(x) + 1
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the head dimension (positive, sums to one)."""
+    return torch.softmax(x.float(), dim=-1).to(x.dtype)
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def taylor(x: torch.Tensor) -> torch.Tensor:
+    """Second-order Taylor features, D -> 1 + D + D^2, with ``phi(q) . phi(k) = 1 + s + s^2 / 2`` for
+    ``s = q . k / sqrt(D)``: a positive estimate of ``exp(s)`` (useful with ``combine=joint``)."""
+    d = x.shape[-1]
+    x1 = x * d**-0.25
+    x2 = (x1[..., :, None] * x1[..., None, :]).flatten(-2) / math.sqrt(2)
+    return torch.cat([torch.ones_like(x[..., :1]), x1, x2], dim=-1)
+
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "elu1": elu1,
+    "relu": relu,
+    "softmax": softmax,
+    "identity": identity,
+    "taylor": taylor,
+}
+POSITIVE_FEATURE_MAPS = ("elu1", "relu", "softmax", "taylor")
+
+
+def feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Look up a feature map by name: elu1, relu, softmax, identity or taylor."""
+    check_choice("feature_map", name, tuple(FEATURE_MAPS))
+    return FEATURE_MAPS[name]
+
+
+def feature_dim(name: str, head_dim: int) -> int:
+    check_choice("feature_map", name, tuple(FEATURE_MAPS))
+    return 1 + head_dim + head_dim * head_dim if name == "taylor" else head_dim

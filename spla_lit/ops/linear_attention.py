@@ -1,0 +1,182 @@
+"""Linear attention pieces of SPLA (design note, section 4).
+
+The residual linear attention (RLA) of query i is linear attention over the causal keys its selection
+left out. By subtraction it never reads them::
+
+    r_i = phi_q_i^T S_i  -  sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) v_j,   S_i = sum_{j<=i} phi_k_j v_j^T
+
+The first term is a chunked causal linear-attention scan (:func:`causal_linear_attention`), the second
+touches only the selected blocks (:func:`selected_linear_attention`). Both accumulate in float32
+because the subtraction cancels large terms. Feature maps are applied by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import cdiv, check_block_idx, check_qk, check_query_block, check_values
+from ._dispatch import kernel, use_triton
+from .blocks import selected_causal_counts, selected_key_mask, token_block_idx
+from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
+
+
+def _append_ones(v: torch.Tensor) -> torch.Tensor:
+    """v [..., Dv] -> [..., Dv + 1]: the extra column carries the normalizer phi_q . sum phi_k."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *,
+                            chunk_size: int = 64, impl: str = "auto") -> torch.Tensor:
+    """``o_i = phi_q_i^T S_i`` with ``S_i = sum_{j <= i} phi_k_j v_j^T`` (one state per KV head).
+
+    Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv].
+    Returns: [B, N, Hq, Dv] in float32 (float64 for float64 input).
+    Chunked scan: exact attention-like products inside each chunk, the running state between chunks.
+    """
+    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
+    v = check_values(v, phi_k, k_name="phi_k")
+    if use_triton(impl, "causal_linear_attention", phi_q, phi_k, v):
+        return kernel("causal_linear_attention")(phi_q, phi_k, v)
+    dt = acc_dtype(phi_q)
+    C = min(chunk_size, N)
+    nC = cdiv(N, C)
+    pad = nC * C - N
+    qh = torch.nn.functional.pad(_group_heads(phi_q, Hkv, dt), (0, 0, 0, pad))  # [B, Hkv, G, Np, F]
+    kh = torch.nn.functional.pad(phi_k.to(dt).transpose(1, 2), (0, 0, 0, pad))  # [B, Hkv, Np, F]
+    vh = torch.nn.functional.pad(v.to(dt).transpose(1, 2), (0, 0, 0, pad))  # zero padding adds nothing
+    G, Dv = qh.shape[2], vh.shape[-1]
+    qc = qh.reshape(B, Hkv, G, nC, C, F)
+    kc = kh.reshape(B, Hkv, nC, C, F)
+    vc = vh.reshape(B, Hkv, nC, C, Dv)
+    kv = kc.transpose(-1, -2) @ vc  # [B, Hkv, nC, F, Dv]
+    state = torch.cumsum(kv, dim=2)
+    state = torch.cat([torch.zeros_like(state[:, :, :1]), state[:, :, :-1]], dim=2)  # exclusive prefix
+    inter = qc @ state[:, :, None]
+    causal = torch.ones(C, C, dtype=torch.bool, device=phi_q.device).tril()
+    intra = ((qc @ kc[:, :, None].transpose(-1, -2)) * causal) @ vc[:, :, None]
+    o = (inter + intra).reshape(B, Hkv, G, nC * C, Dv)[..., :N, :]
+    return _ungroup_heads(o)
+
+
+def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                              block_idx: torch.Tensor, *, block_size: int, query_block: int = 1,
+                              impl: str = "auto") -> torch.Tensor:
+    """``sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) v_j``, reading only the selected blocks.
+
+    Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv]; block_idx [B, Hkv, nQ, topk].
+    Returns: [B, N, Hq, Dv] in float32 (float64 for float64 input).
+    The reference gathers one selected block per query per step: memory O(N * block_size * (F + Dv)).
+    """
+    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
+    v = check_values(v, phi_k, k_name="phi_k")
+    check_query_block(query_block, block_size)
+    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    if use_triton(impl, "selected_linear_attention", phi_q, phi_k, v):
+        return kernel("selected_linear_attention")(phi_q, phi_k, v, block_idx, block_size=block_size,
+                                                   query_block=query_block)
+    dt = acc_dtype(phi_q)
+    G, Dv = Hq // Hkv, v.shape[-1]
+    nK = cdiv(N, block_size)
+    pad = nK * block_size - N
+    qh = phi_q.to(dt).view(B, N, Hkv, G, F).transpose(1, 2)  # [B, Hkv, N, G, F]
+    kb = torch.nn.functional.pad(phi_k.to(dt).transpose(1, 2), (0, 0, 0, pad)).view(B, Hkv, nK, block_size, F)
+    vb = torch.nn.functional.pad(v.to(dt).transpose(1, 2), (0, 0, 0, pad)).view(B, Hkv, nK, block_size, Dv)
+    tok = token_block_idx(block_idx, N, query_block).long()  # [B, Hkv, N, topk]
+    b_ix = torch.arange(B, device=phi_q.device)[:, None, None]
+    h_ix = torch.arange(Hkv, device=phi_q.device)[None, :, None]
+    i = torch.arange(N, device=phi_q.device)[None, None, :, None]
+    offs = torch.arange(block_size, device=phi_q.device)
+    out = qh.new_zeros(B, Hkv, N, G, Dv)
+    for t in range(tok.shape[-1]):
+        blk = tok[..., t]  # [B, Hkv, N]
+        safe = blk.clamp(min=0)
+        kg, vg = kb[b_ix, h_ix, safe], vb[b_ix, h_ix, safe]  # [B, Hkv, N, bs, F | Dv]
+        pos = safe[..., None] * block_size + offs  # key positions [B, Hkv, N, bs]
+        keep = (pos <= i) & (pos < N) & (blk[..., None] >= 0)
+        a = (qh @ kg.transpose(-1, -2)) * keep[:, :, :, None, :]  # [B, Hkv, N, G, bs]
+        out = out + a @ vg
+    return out.transpose(1, 2).reshape(B, N, Hq, Dv)
+
+
+def _finish_residual(r: torch.Tensor, nonempty: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """Zero the rows with no unselected key; with ``normalize`` divide by the last (normalizer) column."""
+    B, N, Hq, _ = r.shape
+    Hkv = nonempty.shape[1]
+    keep = nonempty.transpose(1, 2).repeat_interleave(Hq // Hkv, dim=2)[..., None]  # [B, N, Hq, 1]
+    r = r * keep
+    if not normalize:
+        return r
+    num, den = r[..., :-1], r[..., -1:]
+    return num / (den.clamp_min(0) + eps)
+
+
+def residual_linear_attention(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    *,
+    block_size: int,
+    query_block: int = 1,
+    normalize: bool = False,
+    return_normalizer: bool = False,
+    eps: float = 1e-6,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Residual linear attention by subtraction: global causal linear attention minus the selected part.
+
+    Args:
+        phi_q: [B, N, Hq, F] feature-mapped queries; phi_k: [B, N, Hkv, F]; v: [B, N, Hkv, Dv].
+        block_idx: [B, Hkv, nQ, topk] selection (as for :func:`block_sparse_attention`).
+        normalize: divide by ``phi_q_i . (z_i - z_sel(i))`` (needs non-negative features).
+        return_normalizer: return the unnormalized numerator with that denominator appended as an
+            extra last channel, [B, N, Hq, Dv + 1] (for the joint combine); ignores ``normalize``.
+
+    Returns:
+        float32 [B, N, Hq, Dv] (float64 for float64 input). Exactly zero for tokens whose causal keys
+        are all selected. Never reads an unselected block.
+    """
+    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
+    v = check_values(v, phi_k, k_name="phi_k")
+    check_query_block(query_block, block_size)
+    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    if normalize or return_normalizer:
+        v = _append_ones(v)
+    glob = causal_linear_attention(phi_q, phi_k, v, impl=impl)
+    sel = selected_linear_attention(phi_q, phi_k, v, block_idx, block_size=block_size,
+                                    query_block=query_block, impl=impl)
+    counts = selected_causal_counts(block_idx, N, block_size, query_block)
+    nonempty = counts < torch.arange(1, N + 1, device=phi_q.device)
+    return _finish_residual(glob - sel, nonempty, normalize and not return_normalizer, eps)
+
+
+def explicit_residual_linear_attention(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    *,
+    block_size: int,
+    query_block: int = 1,
+    normalize: bool = False,
+    return_normalizer: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The residual computed directly over the unselected causal keys (reads every block, O(N^2)).
+
+    Same signature and result as :func:`residual_linear_attention`: the check and cost reference
+    (``rla=explicit``).
+    """
+    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
+    v = check_values(v, phi_k, k_name="phi_k")
+    check_query_block(query_block, block_size)
+    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    if normalize or return_normalizer:
+        v = _append_ones(v)
+    dt = acc_dtype(phi_q)
+    causal = torch.ones(N, N, dtype=torch.bool, device=phi_q.device).tril()
+    unselected = causal & ~selected_key_mask(block_idx, N, block_size, query_block)  # [B, Hkv, N, N]
+    qh, kh, vh = (_group_heads(x, Hkv, dt) for x in (phi_q, phi_k, v))
+    a = (qh @ kh.transpose(-1, -2)) * unselected[:, :, None]
+    r = _ungroup_heads(a @ vh)
+    return _finish_residual(r, unselected.any(-1), normalize and not return_normalizer, eps)

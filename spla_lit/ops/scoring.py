@@ -1,0 +1,202 @@
+"""Block scoring: estimate each key block's attention mass for each query (block).
+
+``taylor2`` is the second-order (cumulant) estimate of the design note, section 1::
+
+    log m_b(q) ~= log|b| + scale * q.mu_b + scale^2 / 2 * q^T Sigma_b q
+
+``taylor1`` drops the covariance term (mean-pooled keys, the first-order ablation), ``oracle`` is the
+exact block log-mass ``logsumexp_{j in b, j <= i} s_ij`` and ``random`` draws uniform scores.
+Scores are reduced over the ``G`` query heads that share a KV head (log-sum-exp by default), so a
+group shares one selection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import (
+    COVARIANCES,
+    HEAD_REDUCTIONS,
+    SCORERS,
+    cdiv,
+    check_choice,
+    check_positive_int,
+    check_qk,
+    check_query_block,
+)
+from .blocks import visible_blocks
+
+
+def _heads_first(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, N, H, D] -> [B, Hkv, G, N, D] in float32 (float64 stays float64)."""
+    B, N, H, D = x.shape
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.to(dt).view(B, N, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)
+
+
+def _pad_blocks(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k [B, Hkv, N, D] -> blocks [B, Hkv, nK, bs, D] (zero padded) and the valid-token mask [nK, bs]."""
+    B, H, N, D = k.shape
+    nK = cdiv(N, block_size)
+    pad = nK * block_size - N
+    kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, H, nK, block_size, D)
+    valid = (torch.arange(nK * block_size, device=k.device) < N).view(nK, block_size)
+    return kb, valid
+
+
+def block_key_stats(k: torch.Tensor, block_size: int, covariance: str | None = "diag", rank: int = 4):
+    """Per-block key statistics. ``k`` is [B, N, Hkv, D] (any float dtype).
+
+    Returns ``(count [nK], mean [B, Hkv, nK, D], second)`` in float32 (float64 for float64 input), where
+    ``second`` is the per-dimension variance [B, Hkv, nK, D] (``diag``), the covariance
+    [B, Hkv, nK, D, D] (``full``), a pair ``(U [B, Hkv, nK, D, r], lam [B, Hkv, nK, r])`` of the top-r
+    eigenpairs (``lowrank``), or None. Statistics are population moments over the block's real tokens.
+    """
+    dt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    kh = k.to(dt).transpose(1, 2)  # [B, Hkv, N, D]
+    kb, valid = _pad_blocks(kh, block_size)
+    count = valid.sum(-1).to(dt)  # [nK]
+    w = valid.to(dt)[None, None, :, :, None]
+    mean = (kb * w).sum(3) / count[:, None]
+    if covariance is None:
+        return count, mean, None
+    centered = (kb - mean[:, :, :, None]) * w
+    if covariance == "diag":
+        return count, mean, centered.square().sum(3) / count[:, None]
+    cov = torch.einsum("bhksd,bhkse->bhkde", centered, centered) / count[:, None, None]
+    if covariance == "full":
+        return count, mean, cov
+    lam, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    r = min(rank, cov.shape[-1])
+    return count, mean, (vecs[..., -r:], lam[..., -r:].clamp_min(0))
+
+
+def _taylor_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float, order: int,
+                     covariance: str, rank: int) -> torch.Tensor:
+    """Per-token, per-head estimated log-mass [B, Hkv, G, N, nK] (no causal masking)."""
+    Hkv = k.shape[2]
+    qh = _heads_first(q, Hkv)  # [B, Hkv, G, N, D]
+    count, mean, second = block_key_stats(k, block_size, covariance if order == 2 else None, rank)
+    lm = count.log() + scale * torch.einsum("bhgnd,bhkd->bhgnk", qh, mean)
+    if order == 1:
+        return lm
+    if covariance == "diag":
+        quad = torch.einsum("bhgnd,bhkd->bhgnk", qh.square(), second)
+    elif covariance == "lowrank":
+        U, lam = second
+        proj = torch.einsum("bhgnd,bhkdr->bhgnkr", qh, U)
+        quad = (proj.square() * lam[:, :, None, None]).sum(-1)
+    else:
+        # q^T Sigma_b q = mean_{j in b} ((k_j - mu_b) . q)^2, exact and O(N^2 D) rather than O(N nK D^2).
+        kh = k.to(qh.dtype).transpose(1, 2)
+        kb, valid = _pad_blocks(kh, block_size)
+        centered = (kb - mean[:, :, :, None]) * valid.to(qh.dtype)[None, None, :, :, None]
+        proj = torch.einsum("bhgnd,bhksd->bhgnks", qh, centered)
+        quad = proj.square().sum(-1) / count
+    return lm + 0.5 * scale * scale * quad
+
+
+def _oracle_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:
+    """Exact causal block log-mass logsumexp_{j in b, j <= i} s_ij, [B, Hkv, G, N, nK]."""
+    Hkv = k.shape[2]
+    qh = _heads_first(q, Hkv)
+    kh = k.to(qh.dtype).transpose(1, 2)
+    N = q.shape[1]
+    s = scale * torch.einsum("bhgnd,bhmd->bhgnm", qh, kh)
+    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~causal, float("-inf"))
+    nK = cdiv(N, block_size)
+    s = torch.nn.functional.pad(s, (0, nK * block_size - N), value=float("-inf"))
+    return s.view(*s.shape[:-1], nK, block_size).logsumexp(-1)
+
+
+def _reduce_query_blocks(lm: torch.Tensor, query_block: int, *, log_mean_exp: bool) -> torch.Tensor:
+    """[..., N, nK] -> [..., nQ, nK]: combine the per-token log-masses of each query block."""
+    if query_block == 1:
+        return lm
+    N = lm.shape[-2]
+    nQ = cdiv(N, query_block)
+    pad = nQ * query_block - N
+    counts = torch.full((nQ,), float(query_block), dtype=lm.dtype, device=lm.device)
+    counts[-1] -= pad
+    if log_mean_exp:
+        # The oracle's block mass may be -inf for a query whose keys are all in the future: sum masses.
+        x = torch.nn.functional.pad(lm, (0, 0, 0, pad), value=float("-inf"))
+        x = x.view(*lm.shape[:-2], nQ, query_block, lm.shape[-1]).logsumexp(-2)
+        return x - counts.log()[:, None]
+    # Mean log-mass: the linear aggregation of the design note, cheap in a kernel.
+    x = torch.nn.functional.pad(lm, (0, 0, 0, pad))
+    return x.view(*lm.shape[:-2], nQ, query_block, lm.shape[-1]).sum(-2) / counts[:, None]
+
+
+def block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    query_block: int = 1,
+    scorer: str = "taylor2",
+    covariance: str = "diag",
+    rank: int = 4,
+    head_reduce: str = "lse",
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Score every key block for every query (block).
+
+    Args:
+        q: [B, N, Hq, D]; k: [B, N, Hkv, D], ``Hq % Hkv == 0``.
+        block_size: tokens per key block. query_block: tokens per query block; 1 (the default) keeps
+            selection causal at token level; > 1 shares one selection computed from all queries of the
+            block (later queries then steer what earlier ones see: a speed option, not causal).
+        scorer: ``taylor2`` | ``taylor1`` | ``random`` | ``oracle``.
+        covariance: for taylor2, ``diag`` | ``full`` | ``lowrank`` (top-``rank`` eigenpairs).
+        head_reduce: how the G query heads of a KV head are combined: ``lse`` (total mass), ``max``, ``mean``.
+        generator: RNG for ``random``.
+
+    Returns:
+        float32 [B, Hkv, nQ, nK]: estimated log attention mass; ``-inf`` where the block is not
+        causally visible. Not differentiable (selection is discrete).
+    """
+    B, N, Hq, Hkv, D = check_qk(q, k)
+    check_query_block(query_block, block_size)
+    check_choice("scorer", scorer, SCORERS)
+    check_choice("covariance", covariance, COVARIANCES)
+    check_choice("head_reduce", head_reduce, HEAD_REDUCTIONS)
+    check_positive_int("rank", rank)
+    if scale is None:
+        scale = D**-0.5
+    nK, nQ = cdiv(N, block_size), cdiv(N, query_block)
+    visible = visible_blocks(nQ, nK, query_block, block_size, q.device)
+    with torch.no_grad():
+        q, k = q.detach(), k.detach()
+        if scorer == "random":
+            s = torch.rand(B, Hkv, nQ, nK, generator=generator, device=q.device, dtype=torch.float32)
+        else:
+            if scorer == "oracle":
+                lm = _oracle_log_mass(q, k, block_size=block_size, scale=scale)
+            else:
+                lm = _taylor_log_mass(q, k, block_size=block_size, scale=scale,
+                                      order=1 if scorer == "taylor1" else 2,
+                                      covariance=covariance, rank=rank)
+            lm = _reduce_query_blocks(lm, query_block, log_mean_exp=scorer == "oracle")
+            if head_reduce == "lse":
+                s = lm.logsumexp(2)
+            elif head_reduce == "max":
+                s = lm.amax(2)
+            else:
+                s = lm.mean(2)
+        s = s.float().masked_fill(~visible, float("-inf"))
+    return s
+
+
+def exact_block_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """Per-head exact causal block log-mass [B, Hq, N, nK] (float32), for fidelity metrics."""
+    B, N, Hq, Hkv, D = check_qk(q, k)
+    check_positive_int("block_size", block_size)
+    scale = D**-0.5 if scale is None else scale
+    with torch.no_grad():
+        lm = _oracle_log_mass(q.detach(), k.detach(), block_size=block_size, scale=scale)
+    return lm.reshape(B, Hq, N, -1).float()
+

@@ -1,0 +1,82 @@
+"""Exact softmax attention over selected key blocks (design note, section 3)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import cdiv, check_block_idx, check_qk, check_query_block, check_values
+from ._dispatch import kernel, use_triton
+from .blocks import selected_key_mask
+
+
+def _group_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N, H, D] -> [B, Hkv, G, N, D]; query head h belongs to KV head h // G."""
+    B, N, H, D = x.shape
+    return x.to(dtype).view(B, N, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)
+
+
+def _ungroup_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, G, N, D] -> [B, N, Hkv * G, D]."""
+    B, Hkv, G, N, D = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(B, N, Hkv * G, D)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (for gradcheck), everything else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention under a dense bool mask [B, Hkv, N, N]. Returns (o [B, N, Hq, Dv] in the
+    accumulation dtype, lse [B, Hq, N]). Rows must have at least one allowed key."""
+    Hkv = k.shape[2]
+    dt = acc_dtype(q)
+    qh, kh, vh = _group_heads(q, Hkv, dt), _group_heads(k, Hkv, dt), _group_heads(v, Hkv, dt)
+    s = scale * qh @ kh.transpose(-1, -2)  # [B, Hkv, G, N, N]
+    s = s.masked_fill(~mask[:, :, None], float("-inf"))
+    lse = s.logsumexp(-1)
+    o = torch.exp(s - lse[..., None]) @ vh
+    B, _, G, N = lse.shape
+    return _ungroup_heads(o), lse.reshape(B, Hkv * G, N)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    *,
+    block_size: int,
+    query_block: int = 1,
+    scale: float | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+):
+    """Softmax attention of every query over the keys of its selected blocks, causal (``j <= i``).
+
+    Args:
+        q: [B, N, Hq, D]; k: [B, N, Hkv, D]; v: [B, N, Hkv, Dv].
+        block_idx: int [B, Hkv, nQ, topk] from :func:`select_blocks` (ascending, -1 padded, unique);
+            the diagonal block must be among them so every query sees at least itself.
+        query_block: tokens per row of ``block_idx`` (1: one selection per token).
+
+    Returns:
+        o [B, N, Hq, Dv] in q's dtype (accumulated in float32), and with ``return_lse`` the
+        log-sum-exp of the scaled scores, float32 [B, Hq, N]. Differentiable in q, k, v (and lse).
+        With every block selected this is dense causal attention.
+    """
+    B, N, Hq, Hkv, D = check_qk(q, k)
+    v = check_values(v, k)
+    check_query_block(query_block, block_size)
+    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=q.device)
+    scale = D**-0.5 if scale is None else scale
+    if use_triton(impl, "block_sparse_attention", q, k, v):
+        o, lse = kernel("block_sparse_attention")(q, k, v, block_idx, block_size=block_size,
+                                                  query_block=query_block, scale=scale)
+    else:
+        mask = selected_key_mask(block_idx, N, block_size, query_block)
+        o, lse = masked_attention_reference(q, k, v, mask, scale)
+        o = o.to(q.dtype)
+        lse = lse.float() if q.dtype != torch.float64 else lse
+    return (o, lse) if return_lse else o

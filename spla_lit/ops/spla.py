@@ -1,0 +1,108 @@
+"""SPLA in one call: block scores, selection, exact sparse attention and the residual linear attention."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_choice, check_qk, check_values
+from .feature_maps import feature_map as get_feature_map
+from .linear_attention import explicit_residual_linear_attention, residual_linear_attention
+from .scoring import block_scores
+from .selection import select_blocks
+from .sparse_attention import block_sparse_attention
+
+RLA_MODES = ("subtract", "explicit", "none")
+COMBINES = ("add", "joint")
+
+
+def combine_add(o_sparse: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | float) -> torch.Tensor:
+    """``o = o_sparse + gate * r``. o_sparse, residual: [B, N, Hq, Dv]; gate: scalar or [B, N, Hq]."""
+    if isinstance(gate, torch.Tensor):
+        gate = gate[..., None]
+    return (o_sparse.float() + gate * residual.float()).to(o_sparse.dtype)
+
+
+def combine_joint(o_sparse: torch.Tensor, lse: torch.Tensor, num_den: torch.Tensor) -> torch.Tensor:
+    """Normalise the sparse and residual parts together (Scatterbrain-style)::
+
+        o = (sum_sel e^s v + num) / (sum_sel e^s + den) = (o_sparse + w num) / (1 + w den),  w = e^-lse
+
+    o_sparse [B, N, Hq, Dv]; lse [B, Hq, N]; num_den [B, N, Hq, Dv + 1] (numerator, then denominator).
+    """
+    w = torch.exp(-lse.float().clamp_min(-60.0)).transpose(1, 2)[..., None]  # [B, N, Hq, 1]
+    num, den = num_den[..., :-1].float(), num_den[..., -1:].float()
+    out = (o_sparse.float() + w * num) / (1 + w * den.clamp_min(0))
+    return out.to(o_sparse.dtype)
+
+
+def spla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    topk: int = 16,
+    query_block: int = 1,
+    local_blocks: int = 1,
+    sink_blocks: int = 0,
+    scorer: str = "taylor2",
+    covariance: str = "diag",
+    rank: int = 4,
+    head_reduce: str = "lse",
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+    block_idx: torch.Tensor | None = None,
+    rla: str = "subtract",
+    feature_map: str = "elu1",
+    normalize: bool = True,
+    combine: str = "add",
+    gate: torch.Tensor | float = 1.0,
+    impl: str = "auto",
+    return_aux: bool = False,
+):
+    """SPLA attention, for use outside Lightning.
+
+    Args:
+        q: [B, N, Hq, D]; k: [B, N, Hkv, D]; v: [B, N, Hkv, Dv]. float32 or bfloat16 (float64 for checks).
+        block_size, topk, query_block, local_blocks, sink_blocks: the selection (see :func:`select_blocks`).
+        scorer, covariance, rank, head_reduce, scale, generator: the block scorer (see :func:`block_scores`).
+        block_idx: a precomputed selection [B, Hkv, nQ, topk]; skips scoring.
+        rla: ``subtract`` (residual by subtraction), ``explicit`` (reads the unselected blocks; reference)
+            or ``none`` (pure block-sparse attention).
+        feature_map: elu1 | relu | softmax | identity | taylor, applied to q and k for the residual.
+        normalize: with ``combine=add``, divide the residual by its normalizer.
+        combine: ``add`` (``o_sparse + gate * r``) or ``joint`` (one normalisation for both parts).
+        gate: scalar or [B, N, Hq] weight of the residual for ``combine=add``.
+
+    Returns:
+        o [B, N, Hq, Dv] in q's dtype; with ``return_aux`` also a dict with ``block_idx``, ``o_sparse``,
+        ``lse`` and ``residual`` (None without RLA).
+    """
+    B, N, Hq, Hkv, D = check_qk(q, k)
+    check_values(v, k)
+    check_choice("rla", rla, RLA_MODES)
+    check_choice("combine", combine, COMBINES)
+    phi = get_feature_map(feature_map)
+    if isinstance(gate, torch.Tensor):
+        if tuple(gate.shape) != (B, N, Hq):
+            raise ValueError(f"gate must be a float or a [B, N, Hq] = [{B}, {N}, {Hq}] tensor, "
+                             f"got shape {tuple(gate.shape)}")
+    if block_idx is None:
+        scores = block_scores(q, k, block_size=block_size, query_block=query_block, scorer=scorer,
+                              covariance=covariance, rank=rank, head_reduce=head_reduce, scale=scale,
+                              generator=generator)
+        block_idx = select_blocks(scores, topk=topk, block_size=block_size, query_block=query_block,
+                                  local_blocks=local_blocks, sink_blocks=sink_blocks)
+    o_sparse, lse = block_sparse_attention(q, k, v, block_idx, block_size=block_size, query_block=query_block,
+                                           scale=scale, return_lse=True, impl=impl)
+    residual = None
+    out = o_sparse
+    if rla != "none":
+        residual_fn = residual_linear_attention if rla == "subtract" else explicit_residual_linear_attention
+        extra = {"impl": impl} if rla == "subtract" else {}
+        residual = residual_fn(phi(q), phi(k), v, block_idx, block_size=block_size, query_block=query_block,
+                               normalize=normalize, return_normalizer=combine == "joint", **extra)
+        out = combine_add(o_sparse, residual, gate) if combine == "add" else combine_joint(o_sparse, lse, residual)
+    if return_aux:
+        return out, {"block_idx": block_idx, "o_sparse": o_sparse, "lse": lse, "residual": residual}
+    return out
