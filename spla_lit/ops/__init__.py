@@ -12,7 +12,7 @@ from .linear_attention import (
     selected_linear_attention,
 )
 from .scoring import block_key_stats, block_scores, exact_block_log_mass
-from .selection import min_topk, select_blocks
+from .selection import min_topk, score_and_select, select_blocks
 from .sparse_attention import block_sparse_attention
 from .spla import combine_add, combine_joint, spla_attention
 
@@ -30,6 +30,7 @@ __all__ = [
     "feature_map",
     "min_topk",
     "residual_linear_attention",
+    "score_and_select",
     "select_blocks",
     "selected_causal_counts",
     "selected_key_mask",

@@ -105,3 +105,23 @@ def check_query_block(query_block: int, block_size: int) -> None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_cu_seqlens(cu_seqlens: object, *, batch: int, n: int, query_block: int = 1) -> list[tuple[int, int]]:
+    """Validate packed-sequence boundaries (flash-attn convention) and return them as ``(start, end)`` pairs.
+
+    ``cu_seqlens`` is int32/int64 ``[S + 1]`` with ``cu[0] == 0``, ``cu[S] == N``, strictly increasing; packed
+    batches have ``B == 1``; selection is per token (``query_block == 1``).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of cumulative sequence lengths")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs with B == 1, got B = {batch}")
+    if query_block != 1:
+        raise ValueError(f"cu_seqlens needs query_block == 1, got {query_block}")
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if cu[0] != 0 or cu[-1] != n or any(b <= a for a, b in zip(cu[:-1], cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, end at N = {n} and strictly increase, got {cu}")
+    return list(zip(cu[:-1], cu[1:]))

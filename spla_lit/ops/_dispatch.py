@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -18,7 +18,7 @@ from ._checks import check_choice
 IMPLS = ("auto", "reference", "triton")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _kernels():
     try:
         return importlib.import_module("spla_kernels")

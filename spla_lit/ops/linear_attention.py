@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv, check_block_idx, check_qk, check_query_block, check_values
+from ._checks import cdiv, check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
 from ._dispatch import kernel, use_triton
 from .blocks import selected_causal_counts, selected_key_mask, token_block_idx
 from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
@@ -26,17 +26,23 @@ def _append_ones(v: torch.Tensor) -> torch.Tensor:
 
 
 def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *,
-                            chunk_size: int = 64, impl: str = "auto") -> torch.Tensor:
+                            chunk_size: int = 64, cu_seqlens: torch.Tensor | None = None,
+                            impl: str = "auto") -> torch.Tensor:
     """``o_i = phi_q_i^T S_i`` with ``S_i = sum_{j <= i} phi_k_j v_j^T`` (one state per KV head).
 
     Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv].
+    cu_seqlens: packed-sequence boundaries (B == 1); the state restarts at each sequence.
     Returns: [B, N, Hq, Dv] in float32 (float64 for float64 input).
     Chunked scan: exact attention-like products inside each chunk, the running state between chunks.
     """
     B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
     v = check_values(v, phi_k, k_name="phi_k")
+    segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N)
     if use_triton(impl, "causal_linear_attention", phi_q, phi_k, v):
-        return kernel("causal_linear_attention")(phi_q, phi_k, v)
+        return kernel("causal_linear_attention")(phi_q, phi_k, v, cu_seqlens=cu_seqlens)
+    if segments is not None:
+        return torch.cat([causal_linear_attention(phi_q[:, s:e], phi_k[:, s:e], v[:, s:e], chunk_size=chunk_size,
+                                                  impl="reference") for s, e in segments], dim=1)
     dt = acc_dtype(phi_q)
     C = min(chunk_size, N)
     nC = cdiv(N, C)
@@ -60,7 +66,7 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
 
 def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                               block_idx: torch.Tensor, *, block_size: int, query_block: int = 1,
-                              impl: str = "auto") -> torch.Tensor:
+                              cu_seqlens: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """``sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) v_j``, reading only the selected blocks.
 
     Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv]; block_idx [B, Hkv, nQ, topk].
@@ -71,9 +77,14 @@ def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
     v = check_values(v, phi_k, k_name="phi_k")
     check_query_block(query_block, block_size)
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
     if use_triton(impl, "selected_linear_attention", phi_q, phi_k, v):
         return kernel("selected_linear_attention")(phi_q, phi_k, v, block_idx, block_size=block_size,
-                                                   query_block=query_block)
+                                                   query_block=query_block, cu_seqlens=cu_seqlens)
+    if segments is not None:
+        return torch.cat([selected_linear_attention(phi_q[:, s:e], phi_k[:, s:e], v[:, s:e], block_idx[:, :, s:e],
+                                                    block_size=block_size, impl="reference")
+                          for s, e in segments], dim=1)
     dt = acc_dtype(phi_q)
     G, Dv = Hq // Hkv, v.shape[-1]
     nK = cdiv(N, block_size)
@@ -96,6 +107,16 @@ def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
         a = (qh @ kg.transpose(-1, -2)) * keep[:, :, :, None, :]  # [B, Hkv, N, G, bs]
         out = out + a @ vg
     return out.transpose(1, 2).reshape(B, N, Hq, Dv)
+
+
+def has_unselected_keys(block_idx: torch.Tensor, n: int, block_size: int, query_block: int = 1,
+                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, Hkv, N]: token i has at least one causal key outside its selection."""
+    if cu_seqlens is not None:
+        segments = check_cu_seqlens(cu_seqlens, batch=block_idx.shape[0], n=n, query_block=query_block)
+        return torch.cat([has_unselected_keys(block_idx[:, :, s:e], e - s, block_size) for s, e in segments], 2)
+    counts = selected_causal_counts(block_idx, n, block_size, query_block)
+    return counts < torch.arange(1, n + 1, device=block_idx.device)
 
 
 def _finish_residual(r: torch.Tensor, nonempty: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
@@ -121,6 +142,7 @@ def residual_linear_attention(
     normalize: bool = False,
     return_normalizer: bool = False,
     eps: float = 1e-6,
+    cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Residual linear attention by subtraction: global causal linear attention minus the selected part.
@@ -142,11 +164,10 @@ def residual_linear_attention(
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
     if normalize or return_normalizer:
         v = _append_ones(v)
-    glob = causal_linear_attention(phi_q, phi_k, v, impl=impl)
+    glob = causal_linear_attention(phi_q, phi_k, v, cu_seqlens=cu_seqlens, impl=impl)
     sel = selected_linear_attention(phi_q, phi_k, v, block_idx, block_size=block_size,
-                                    query_block=query_block, impl=impl)
-    counts = selected_causal_counts(block_idx, N, block_size, query_block)
-    nonempty = counts < torch.arange(1, N + 1, device=phi_q.device)
+                                    query_block=query_block, cu_seqlens=cu_seqlens, impl=impl)
+    nonempty = has_unselected_keys(block_idx, N, block_size, query_block, cu_seqlens)
     return _finish_residual(glob - sel, nonempty, normalize and not return_normalizer, eps)
 
 
@@ -161,6 +182,7 @@ def explicit_residual_linear_attention(
     normalize: bool = False,
     return_normalizer: bool = False,
     eps: float = 1e-6,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The residual computed directly over the unselected causal keys (reads every block, O(N^2)).
 
@@ -171,6 +193,11 @@ def explicit_residual_linear_attention(
     v = check_values(v, phi_k, k_name="phi_k")
     check_query_block(query_block, block_size)
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    if cu_seqlens is not None:
+        segments = check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+        return torch.cat([explicit_residual_linear_attention(
+            phi_q[:, s:e], phi_k[:, s:e], v[:, s:e], block_idx[:, :, s:e], block_size=block_size,
+            normalize=normalize, return_normalizer=return_normalizer, eps=eps) for s, e in segments], 1)
     if normalize or return_normalizer:
         v = _append_ones(v)
     dt = acc_dtype(phi_q)

@@ -20,6 +20,7 @@ from ._checks import (
     SCORERS,
     cdiv,
     check_choice,
+    check_cu_seqlens,
     check_positive_int,
     check_qk,
     check_query_block,
@@ -141,6 +142,7 @@ def block_scores(
     head_reduce: str = "lse",
     scale: float | None = None,
     generator: torch.Generator | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every key block for every query (block).
 
@@ -153,10 +155,12 @@ def block_scores(
         covariance: for taylor2, ``diag`` | ``full`` | ``lowrank`` (top-``rank`` eigenpairs).
         head_reduce: how the G query heads of a KV head are combined: ``lse`` (total mass), ``max``, ``mean``.
         generator: RNG for ``random``.
+        cu_seqlens: int [S + 1] boundaries of packed sequences (B == 1, query_block == 1): blocks restart
+            at each sequence start and scores cover only the token's own sequence.
 
     Returns:
         float32 [B, Hkv, nQ, nK]: estimated log attention mass; ``-inf`` where the block is not
-        causally visible. Not differentiable (selection is discrete).
+        causally visible. Packed: [1, Hkv, N, max_s nK_s] with local block indices. Not differentiable.
     """
     B, N, Hq, Hkv, D = check_qk(q, k)
     check_query_block(query_block, block_size)
@@ -166,6 +170,14 @@ def block_scores(
     check_positive_int("rank", rank)
     if scale is None:
         scale = D**-0.5
+    if cu_seqlens is not None:
+        segments = check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+        parts = [block_scores(q[:, s:e], k[:, s:e], block_size=block_size, scorer=scorer, covariance=covariance,
+                              rank=rank, head_reduce=head_reduce, scale=scale, generator=generator)
+                 for s, e in segments]
+        width = max(p.shape[-1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=float("-inf")) for p in parts]
+        return torch.cat(parts, dim=2)
     nK, nQ = cdiv(N, block_size), cdiv(N, query_block)
     visible = visible_blocks(nQ, nK, query_block, block_size, q.device)
     with torch.no_grad():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_positive_int, check_query_block
+from ._checks import cdiv, check_cu_seqlens, check_positive_int, check_query_block
+from ._dispatch import kernel, use_triton
 from .blocks import forced_blocks, visible_blocks
+from .scoring import block_scores
 
 
 def min_topk(*, block_size: int, query_block: int = 1, local_blocks: int = 1, sink_blocks: int = 0) -> int:
@@ -22,6 +24,7 @@ def select_blocks(
     query_block: int = 1,
     local_blocks: int = 1,
     sink_blocks: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick the key blocks each query (block) attends to exactly.
 
@@ -30,6 +33,7 @@ def select_blocks(
         topk: blocks per query (block), forced ones included.
         local_blocks: most recent visible blocks always kept (>= 1: the diagonal block); every block that
             overlaps the query block itself is kept too. sink_blocks: first blocks always kept.
+        cu_seqlens: packed sequences (see :func:`block_scores`); selection per sequence, local indices.
 
     Returns:
         int32 [B, Hkv, nQ, topk]: block indices, ascending, padded with -1 at the end. A query block
@@ -43,6 +47,12 @@ def select_blocks(
     check_positive_int("local_blocks", local_blocks)
     check_positive_int("sink_blocks", sink_blocks, minimum=0)
     B, H, nQ, nK = scores.shape
+    if cu_seqlens is not None:
+        segments = check_cu_seqlens(cu_seqlens, batch=B, n=nQ, query_block=query_block)
+        return torch.cat([
+            select_blocks(scores[:, :, s:e, : cdiv(e - s, block_size)], topk=topk, block_size=block_size,
+                          local_blocks=local_blocks, sink_blocks=sink_blocks)
+            for s, e in segments], dim=2)
     forced = forced_blocks(nQ, nK, query_block, block_size, local_blocks, sink_blocks, scores.device)
     need = int(forced.sum(-1).max())
     if need > topk:
@@ -61,3 +71,40 @@ def select_blocks(
     if kk < topk:
         idx = torch.nn.functional.pad(idx, (0, topk - kk), value=-1)
     return idx
+
+
+def score_and_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    topk: int,
+    query_block: int = 1,
+    local_blocks: int = 1,
+    sink_blocks: int = 0,
+    scorer: str = "taylor2",
+    covariance: str = "diag",
+    rank: int = 4,
+    head_reduce: str = "lse",
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`block_scores` then :func:`select_blocks`: int32 [B, Hkv, nQ, topk].
+
+    On CUDA the Triton kernel fuses the two so the per-token score matrix [B, Hkv, N, nK] is never
+    materialised (taylor1, taylor2 with diag or lowrank covariance); other scorers use the reference.
+    """
+    fusable = scorer in ("taylor1", "taylor2") and (scorer == "taylor1" or covariance in ("diag", "lowrank"))
+    if fusable and use_triton(impl, "select_blocks_fused", q, k):
+        check_positive_int("topk", topk)
+        check_query_block(query_block, block_size)
+        return kernel("select_blocks_fused")(
+            q, k, block_size=block_size, topk=topk, query_block=query_block, local_blocks=local_blocks,
+            sink_blocks=sink_blocks, scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce,
+            scale=scale, cu_seqlens=cu_seqlens)
+    scores = block_scores(q, k, block_size=block_size, query_block=query_block, scorer=scorer, covariance=covariance,
+                          rank=rank, head_reduce=head_reduce, scale=scale, generator=generator, cu_seqlens=cu_seqlens)
+    return select_blocks(scores, topk=topk, block_size=block_size, query_block=query_block,
+                         local_blocks=local_blocks, sink_blocks=sink_blocks, cu_seqlens=cu_seqlens)

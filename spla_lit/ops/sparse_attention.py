@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv, check_block_idx, check_qk, check_query_block, check_values
+from ._checks import cdiv, check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
 from ._dispatch import kernel, use_triton
 from .blocks import selected_key_mask
 
@@ -51,6 +51,7 @@ def block_sparse_attention(
     query_block: int = 1,
     scale: float | None = None,
     return_lse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
 ):
     """Softmax attention of every query over the keys of its selected blocks, causal (``j <= i``).
@@ -60,6 +61,8 @@ def block_sparse_attention(
         block_idx: int [B, Hkv, nQ, topk] from :func:`select_blocks` (ascending, -1 padded, unique);
             the diagonal block must be among them so every query sees at least itself.
         query_block: tokens per row of ``block_idx`` (1: one selection per token).
+        cu_seqlens: int [S + 1] packed-sequence boundaries (B == 1): no attention across sequences;
+            ``block_idx`` holds block indices local to each token's sequence.
 
     Returns:
         o [B, N, Hq, Dv] in q's dtype (accumulated in float32), and with ``return_lse`` the
@@ -71,9 +74,14 @@ def block_sparse_attention(
     check_query_block(query_block, block_size)
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=q.device)
     scale = D**-0.5 if scale is None else scale
+    segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
     if use_triton(impl, "block_sparse_attention", q, k, v):
         o, lse = kernel("block_sparse_attention")(q, k, v, block_idx, block_size=block_size,
-                                                  query_block=query_block, scale=scale)
+                                                  query_block=query_block, scale=scale, cu_seqlens=cu_seqlens)
+    elif segments is not None:
+        parts = [block_sparse_attention(q[:, s:e], k[:, s:e], v[:, s:e], block_idx[:, :, s:e], block_size=block_size,
+                                        scale=scale, return_lse=True, impl="reference") for s, e in segments]
+        o, lse = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=2)
     else:
         mask = selected_key_mask(block_idx, N, block_size, query_block)
         o, lse = masked_attention_reference(q, k, v, mask, scale)

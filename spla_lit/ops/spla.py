@@ -7,8 +7,7 @@ import torch
 from ._checks import check_choice, check_qk, check_values
 from .feature_maps import feature_map as get_feature_map
 from .linear_attention import explicit_residual_linear_attention, residual_linear_attention
-from .scoring import block_scores
-from .selection import select_blocks
+from .selection import score_and_select
 from .sparse_attention import block_sparse_attention
 
 RLA_MODES = ("subtract", "explicit", "none")
@@ -57,6 +56,7 @@ def spla_attention(
     normalize: bool = True,
     combine: str = "add",
     gate: torch.Tensor | float = 1.0,
+    cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
     return_aux: bool = False,
 ):
@@ -73,6 +73,7 @@ def spla_attention(
         normalize: with ``combine=add``, divide the residual by its normalizer.
         combine: ``add`` (``o_sparse + gate * r``) or ``joint`` (one normalisation for both parts).
         gate: scalar or [B, N, Hq] weight of the residual for ``combine=add``.
+        cu_seqlens: int [S + 1] boundaries of sequences packed in one row (B == 1, query_block == 1).
 
     Returns:
         o [B, N, Hq, Dv] in q's dtype; with ``return_aux`` also a dict with ``block_idx``, ``o_sparse``,
@@ -83,25 +84,24 @@ def spla_attention(
     check_choice("rla", rla, RLA_MODES)
     check_choice("combine", combine, COMBINES)
     phi = get_feature_map(feature_map)
-    if isinstance(gate, torch.Tensor):
-        if tuple(gate.shape) != (B, N, Hq):
-            raise ValueError(f"gate must be a float or a [B, N, Hq] = [{B}, {N}, {Hq}] tensor, "
-                             f"got shape {tuple(gate.shape)}")
+    if isinstance(gate, torch.Tensor) and tuple(gate.shape) != (B, N, Hq):
+        raise ValueError(f"gate must be a float or a [B, N, Hq] = [{B}, {N}, {Hq}] tensor, "
+                         f"got shape {tuple(gate.shape)}")
     if block_idx is None:
-        scores = block_scores(q, k, block_size=block_size, query_block=query_block, scorer=scorer,
-                              covariance=covariance, rank=rank, head_reduce=head_reduce, scale=scale,
-                              generator=generator)
-        block_idx = select_blocks(scores, topk=topk, block_size=block_size, query_block=query_block,
-                                  local_blocks=local_blocks, sink_blocks=sink_blocks)
+        block_idx = score_and_select(q, k, block_size=block_size, topk=topk, query_block=query_block,
+                                     local_blocks=local_blocks, sink_blocks=sink_blocks, scorer=scorer,
+                                     covariance=covariance, rank=rank, head_reduce=head_reduce, scale=scale,
+                                     generator=generator, cu_seqlens=cu_seqlens, impl=impl)
     o_sparse, lse = block_sparse_attention(q, k, v, block_idx, block_size=block_size, query_block=query_block,
-                                           scale=scale, return_lse=True, impl=impl)
+                                           scale=scale, return_lse=True, cu_seqlens=cu_seqlens, impl=impl)
     residual = None
     out = o_sparse
     if rla != "none":
         residual_fn = residual_linear_attention if rla == "subtract" else explicit_residual_linear_attention
         extra = {"impl": impl} if rla == "subtract" else {}
         residual = residual_fn(phi(q), phi(k), v, block_idx, block_size=block_size, query_block=query_block,
-                               normalize=normalize, return_normalizer=combine == "joint", **extra)
+                               normalize=normalize, return_normalizer=combine == "joint",
+                               cu_seqlens=cu_seqlens, **extra)
         out = combine_add(o_sparse, residual, gate) if combine == "add" else combine_joint(o_sparse, lse, residual)
     if return_aux:
         return out, {"block_idx": block_idx, "o_sparse": o_sparse, "lse": lse, "residual": residual}
