@@ -8,13 +8,14 @@ from .feature_maps import FEATURE_MAPS, feature_dim, feature_map
 from .linear_attention import (
     causal_linear_attention,
     explicit_residual_linear_attention,
+    has_unselected_keys,
     residual_linear_attention,
     selected_linear_attention,
 )
 from .scoring import block_key_stats, block_scores, exact_block_log_mass
 from .selection import min_topk, score_and_select, select_blocks
 from .sparse_attention import block_sparse_attention
-from .spla import combine_add, combine_joint, spla_attention
+from .spla import combine_add, combine_joint, sparse_attention_with_residual, spla_attention
 
 __all__ = [
     "FEATURE_MAPS",
@@ -27,6 +28,7 @@ __all__ = [
     "exact_block_log_mass",
     "explicit_residual_linear_attention",
     "feature_dim",
+    "has_unselected_keys",
     "feature_map",
     "min_topk",
     "residual_linear_attention",
@@ -35,6 +37,7 @@ __all__ = [
     "selected_causal_counts",
     "selected_key_mask",
     "selected_linear_attention",
+    "sparse_attention_with_residual",
     "spla_attention",
     "token_block_idx",
     "visible_blocks",

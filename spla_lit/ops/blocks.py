@@ -81,3 +81,26 @@ def selected_causal_counts(block_idx: torch.Tensor, n: int, block_size: int, que
     end = torch.clamp(torch.minimum(start + block_size - 1, i), max=n - 1)
     count = torch.clamp(end - start + 1, min=0)
     return torch.where(tok >= 0, count, 0).sum(-1)
+
+
+def union_tiles(block_idx: torch.Tensor, n: int, block_size: int, query_block: int,
+                tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group queries into tiles of ``tile`` tokens and list the union of their selected blocks.
+
+    Returns ``(blocks [B, Hkv, nT, U], member [B, Hkv, nT, tile, U])``: the union's block indices (padded
+    with 0 where a tile's union is smaller than the largest, U) and whether each token of the tile
+    selected each union block (False for padding). A tile reads only blocks that one of its tokens
+    selected; per-token masks keep each token's own selection (the loading scheme of the kernels).
+    """
+    B, H, _, _ = block_idx.shape
+    nK, nT = num_blocks(n, block_size), cdiv(n, tile)
+    tok = token_block_idx(block_idx, n, query_block).long()
+    tok = torch.nn.functional.pad(tok, (0, 0, 0, nT * tile - n), value=-1)
+    chosen = torch.zeros(B, H, nT * tile, nK + 1, dtype=torch.bool, device=block_idx.device)
+    chosen.scatter_(-1, torch.where(tok < 0, nK, tok), True)
+    chosen = chosen[..., :nK].view(B, H, nT, tile, nK)
+    union = chosen.any(3)  # [B, H, nT, nK]
+    width = max(int(union.sum(-1).max()), 1)
+    present, blocks = union.to(torch.int8).topk(width, dim=-1)
+    member = chosen.gather(-1, blocks[:, :, :, None, :].expand(B, H, nT, tile, width))
+    return blocks, member & present.bool()[:, :, :, None, :]

@@ -16,7 +16,7 @@ import torch
 
 from ._checks import cdiv, check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
 from ._dispatch import kernel, use_triton
-from .blocks import selected_causal_counts, selected_key_mask, token_block_idx
+from .blocks import selected_causal_counts, selected_key_mask, union_tiles
 from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
 
 
@@ -71,7 +71,8 @@ def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
 
     Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv]; block_idx [B, Hkv, nQ, topk].
     Returns: [B, N, Hq, Dv] in float32 (float64 for float64 input).
-    The reference gathers one selected block per query per step: memory O(N * block_size * (F + Dv)).
+    The reference works on tiles of queries and gathers the union of their selected blocks (no block that
+    none of them selected is read), masking per token: memory O(N * U * block_size), U the union size.
     """
     B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
     v = check_values(v, phi_k, k_name="phi_k")
@@ -87,25 +88,23 @@ def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
                           for s, e in segments], dim=1)
     dt = acc_dtype(phi_q)
     G, Dv = Hq // Hkv, v.shape[-1]
-    nK = cdiv(N, block_size)
-    pad = nK * block_size - N
-    qh = phi_q.to(dt).view(B, N, Hkv, G, F).transpose(1, 2)  # [B, Hkv, N, G, F]
-    kb = torch.nn.functional.pad(phi_k.to(dt).transpose(1, 2), (0, 0, 0, pad)).view(B, Hkv, nK, block_size, F)
-    vb = torch.nn.functional.pad(v.to(dt).transpose(1, 2), (0, 0, 0, pad)).view(B, Hkv, nK, block_size, Dv)
-    tok = token_block_idx(block_idx, N, query_block).long()  # [B, Hkv, N, topk]
-    b_ix = torch.arange(B, device=phi_q.device)[:, None, None]
-    h_ix = torch.arange(Hkv, device=phi_q.device)[None, :, None]
-    i = torch.arange(N, device=phi_q.device)[None, None, :, None]
-    offs = torch.arange(block_size, device=phi_q.device)
-    out = qh.new_zeros(B, Hkv, N, G, Dv)
-    for t in range(tok.shape[-1]):
-        blk = tok[..., t]  # [B, Hkv, N]
-        safe = blk.clamp(min=0)
-        kg, vg = kb[b_ix, h_ix, safe], vb[b_ix, h_ix, safe]  # [B, Hkv, N, bs, F | Dv]
-        pos = safe[..., None] * block_size + offs  # key positions [B, Hkv, N, bs]
-        keep = (pos <= i) & (pos < N) & (blk[..., None] >= 0)
-        a = (qh @ kg.transpose(-1, -2)) * keep[:, :, :, None, :]  # [B, Hkv, N, G, bs]
-        out = out + a @ vg
+    nK, tile = cdiv(N, block_size), min(block_size, 64)
+    nT = cdiv(N, tile)
+    blocks, member = union_tiles(block_idx, N, block_size, query_block, tile)  # [B,Hkv,nT,U], [B,Hkv,nT,tile,U]
+    U = blocks.shape[-1]
+    kb = torch.nn.functional.pad(phi_k.to(dt).transpose(1, 2), (0, 0, 0, nK * block_size - N))
+    vb = torch.nn.functional.pad(v.to(dt).transpose(1, 2), (0, 0, 0, nK * block_size - N))
+    flat = (torch.arange(B * Hkv, device=phi_q.device).view(B, Hkv, 1, 1) * nK + blocks).reshape(-1)
+    ku = kb.reshape(B * Hkv * nK, block_size, F).index_select(0, flat).view(B, Hkv, nT, U * block_size, F)
+    vu = vb.reshape(B * Hkv * nK, block_size, Dv).index_select(0, flat).view(B, Hkv, nT, U * block_size, Dv)
+    qt = torch.nn.functional.pad(phi_q.to(dt), (0, 0, 0, 0, 0, nT * tile - N))
+    qt = qt.view(B, nT, tile, Hkv, G, F).permute(0, 3, 1, 2, 4, 5).reshape(B, Hkv, nT, tile * G, F)
+    key_pos = (blocks[..., None] * block_size + torch.arange(block_size, device=phi_q.device)).flatten(-2)
+    q_pos = torch.arange(nT * tile, device=phi_q.device).view(nT, tile, 1)
+    keep = member.repeat_interleave(block_size, dim=-1) & (key_pos[:, :, :, None, :] <= q_pos)
+    a = (qt @ ku.transpose(-1, -2)).view(B, Hkv, nT, tile, G, U * block_size) * keep[:, :, :, :, None, :]
+    out = a.view(B, Hkv, nT, tile * G, U * block_size) @ vu  # [B, Hkv, nT, tile * G, Dv]
+    out = out.view(B, Hkv, nT * tile, G, Dv)[:, :, :N]
     return out.transpose(1, 2).reshape(B, N, Hq, Dv)
 
 

@@ -84,7 +84,19 @@ def block_sparse_attention(
         o, lse = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=2)
     else:
         mask = selected_key_mask(block_idx, N, block_size, query_block)
+        if not return_lse:
+            return _sdpa_masked(q, k, v, mask, scale)
         o, lse = masked_attention_reference(q, k, v, mask, scale)
         o = o.to(q.dtype)
         lse = lse.float() if q.dtype != torch.float64 else lse
     return (o, lse) if return_lse else o
+
+
+def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same attention through fused SDPA when the log-sum-exp is not needed (several times faster on CPU)."""
+    G = q.shape[2] // k.shape[2]
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    if G > 1:
+        kh, vh, mask = kh.repeat_interleave(G, 1), vh.repeat_interleave(G, 1), mask.repeat_interleave(G, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_choice, check_qk, check_values
+from ._dispatch import kernel, use_triton
 from .feature_maps import feature_map as get_feature_map
-from .linear_attention import explicit_residual_linear_attention, residual_linear_attention
+from .linear_attention import (
+    _append_ones,
+    _finish_residual,
+    causal_linear_attention,
+    explicit_residual_linear_attention,
+    has_unselected_keys,
+    residual_linear_attention,
+)
 from .selection import score_and_select
 from .sparse_attention import block_sparse_attention
 
@@ -32,6 +40,50 @@ def combine_joint(o_sparse: torch.Tensor, lse: torch.Tensor, num_den: torch.Tens
     num, den = num_den[..., :-1].float(), num_den[..., -1:].float()
     out = (o_sparse.float() + w * num) / (1 + w * den.clamp_min(0))
     return out.to(o_sparse.dtype)
+
+
+def sparse_attention_with_residual(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    block_idx: torch.Tensor,
+    *,
+    block_size: int,
+    query_block: int = 1,
+    scale: float | None = None,
+    normalize: bool = False,
+    return_normalizer: bool = False,
+    return_lse: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Exact sparse attention and the residual linear attention (by subtraction) on one selection.
+
+    Returns ``(o_sparse [B, N, Hq, Dv] in q's dtype, lse [B, Hq, N] float32 or None without return_lse,
+    residual float32)`` as :func:`block_sparse_attention` and :func:`residual_linear_attention` would.
+    On CUDA one Triton kernel computes the sparse output and the selected-linear term from the same K/V tiles.
+    """
+    B, N, Hq, Hkv, D = check_qk(q, k)
+    check_values(v, k)
+    if use_triton(impl, "sparse_attention_with_selected_linear", q, k, v, phi_q, phi_k):
+        with_den = normalize or return_normalizer
+        o, lse, sel = kernel("sparse_attention_with_selected_linear")(
+            q, k, v, phi_q, phi_k, block_idx, block_size=block_size, query_block=query_block,
+            scale=D**-0.5 if scale is None else scale, with_normalizer=with_den, cu_seqlens=cu_seqlens)
+        v_lin = _append_ones(v) if with_den else v
+        glob = causal_linear_attention(phi_q, phi_k, v_lin, cu_seqlens=cu_seqlens, impl=impl)
+        nonempty = has_unselected_keys(block_idx, N, block_size, query_block, cu_seqlens)
+        residual = _finish_residual(glob - sel, nonempty, normalize and not return_normalizer, 1e-6)
+        return o, lse, residual
+    out = block_sparse_attention(q, k, v, block_idx, block_size=block_size, query_block=query_block,
+                                 scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens, impl=impl)
+    o, lse = out if return_lse else (out, None)
+    residual = residual_linear_attention(phi_q, phi_k, v, block_idx, block_size=block_size, query_block=query_block,
+                                         normalize=normalize, return_normalizer=return_normalizer,
+                                         cu_seqlens=cu_seqlens, impl=impl)
+    return o, lse, residual
 
 
 def spla_attention(
@@ -92,16 +144,19 @@ def spla_attention(
                                      local_blocks=local_blocks, sink_blocks=sink_blocks, scorer=scorer,
                                      covariance=covariance, rank=rank, head_reduce=head_reduce, scale=scale,
                                      generator=generator, cu_seqlens=cu_seqlens, impl=impl)
-    o_sparse, lse = block_sparse_attention(q, k, v, block_idx, block_size=block_size, query_block=query_block,
-                                           scale=scale, return_lse=True, cu_seqlens=cu_seqlens, impl=impl)
     residual = None
+    shared = dict(block_size=block_size, query_block=query_block, cu_seqlens=cu_seqlens)
+    if rla == "subtract":
+        o_sparse, lse, residual = sparse_attention_with_residual(
+            q, k, v, phi(q), phi(k), block_idx, scale=scale, normalize=normalize,
+            return_normalizer=combine == "joint", return_lse=combine == "joint" or return_aux, impl=impl, **shared)
+    else:
+        o_sparse, lse = block_sparse_attention(q, k, v, block_idx, scale=scale, return_lse=True, impl=impl, **shared)
+        if rla == "explicit":
+            residual = explicit_residual_linear_attention(phi(q), phi(k), v, block_idx, normalize=normalize,
+                                                          return_normalizer=combine == "joint", **shared)
     out = o_sparse
-    if rla != "none":
-        residual_fn = residual_linear_attention if rla == "subtract" else explicit_residual_linear_attention
-        extra = {"impl": impl} if rla == "subtract" else {}
-        residual = residual_fn(phi(q), phi(k), v, block_idx, block_size=block_size, query_block=query_block,
-                               normalize=normalize, return_normalizer=combine == "joint",
-                               cu_seqlens=cu_seqlens, **extra)
+    if residual is not None:
         out = combine_add(o_sparse, residual, gate) if combine == "add" else combine_joint(o_sparse, lse, residual)
     if return_aux:
         return out, {"block_idx": block_idx, "o_sparse": o_sparse, "lse": lse, "residual": residual}

@@ -1,0 +1,39 @@
+"""Rotary position embeddings (RoPE), rotate-half convention, on [B, N, H, D] tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """Position of each packed token inside its own sequence, [N] int64."""
+    idx = torch.arange(n, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].long()
+    seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
+    return idx - starts[seq]
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes cos/sin tables on the fly (no max length) and applies them to queries and keys."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos, sin [N, D] in float32."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, N, H, D]; cos, sin [N, D]."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., d:], xf[..., :d]], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)

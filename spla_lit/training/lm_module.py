@@ -1,0 +1,150 @@
+"""The LightningModule: next-token training of any ``spla_lit.models`` network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .callbacks import NonFiniteLossError
+from .schedule import warmup_cosine
+
+IGNORE = -100
+
+
+class LMModule(L.LightningModule):
+    """Next-token language modelling with AdamW, warmup + cosine decay, and answer-token metrics.
+
+    Args:
+        net: the network, ``input_ids [B, N] -> logits [B, N, V]`` (e.g. ``spla_lit.models.DecoderLM``).
+        optimizer: optimizer factory taking the parameter groups (a Hydra ``_partial_`` AdamW).
+        warmup_steps, min_lr_ratio, total_steps: the LR schedule (see ``warmup_cosine``).
+        weight_decay: applied to matrices only (not norms, biases, embeddings' gains).
+        task_names: validation task names, for per-task answer accuracy.
+        run_config: the resolved run config, stored in every checkpoint (``eval.py`` rebuilds the model from it).
+
+    Logged: ``train/loss``, ``train/grad_norm``, the LR, SPLA internals (``train/rla/gate_abs``,
+    ``train/rla/residual_share``), ``val/loss``, ``val/ppl``, ``val/answer_acc`` (token accuracy on answer
+    tokens), ``val/exact_match`` (all answer tokens of a sample right) and ``val/acc/<task>``.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 warmup_steps: int = 50, min_lr_ratio: float = 0.1, total_steps: int = 1000,
+                 weight_decay: float = 0.1, task_names: Sequence[str] = (),
+                 run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        task_names = [str(t) for t in task_names]  # plain strings: checkpoints load with weights_only=True
+        self.save_hyperparameters(ignore=["net", "optimizer", "run_config"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95))
+        self.run_config = run_config
+        self.task_names = task_names
+        vocab = net.vocab_size
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_answer_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE)
+        self.val_exact = MeanMetric()
+        self.val_task_acc = nn.ModuleList(MeanMetric() for _ in self.task_names)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(input_ids, cu_seqlens)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        bad = not bool(torch.isfinite(value).all())
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"{what} is {value.item() if value.numel() == 1 else 'non-finite'} at step {self.global_step}: "
+                "stopping before the optimizer step, so the weights and the last checkpoint stay finite")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"])
+        loss = self._loss(logits, batch["labels"])
+        self._check_finite(loss.detach(), "training loss")
+        self.train_loss(loss.detach())
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        stats = getattr(self.net, "attention_stats", dict)()
+        for key, value in stats.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Checked before clipping and the update: a NaN/inf gradient never reaches the weights.
+        norm = grad_norm(self.net)
+        self._check_finite(norm, "gradient norm")
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"])
+        labels, answer = batch["labels"], batch["answer_mask"]
+        self.val_loss(self._loss(logits, labels), weight=labels.numel())
+        pred = logits.argmax(-1)
+        self.val_answer_acc(pred[answer], labels[answer])
+        correct = ((pred == labels) | ~answer).all(-1).float()  # exact match (= greedy decoding's)
+        has_answer = answer.any(-1)
+        if has_answer.any():
+            self.val_exact(correct[has_answer])
+        for t, metric in enumerate(self.val_task_acc):
+            sel = has_answer & (batch["task_id"] == t)
+            if sel.any():
+                metric(correct[sel])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss.clamp(max=50)))
+        self.log("val/answer_acc", self.val_answer_acc.compute(), prog_bar=True)
+        self.log("val/exact_match", self.val_exact.compute())
+        for name, metric in zip(self.task_names, self.val_task_acc):
+            if metric.update_count:
+                self.log(f"val/acc/{name}", metric.compute())
+            metric.reset()
+        self.val_loss.reset()
+        self.val_answer_acc.reset()
+        self.val_exact.reset()
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for _, p in self.net.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups)
+        schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
+                           total_steps=self.hparams.total_steps, min_lr_ratio=self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["spla_config"] = self.run_config
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """Global L2 norm of the gradients (float32 scalar). Sharded (DTensor, FSDP2) gradients contribute
+    their local shards, summed over ranks in one all-reduce."""
+    local, sharded = [], []
+    for p in module.parameters():
+        if p.grad is not None:
+            g = p.grad
+            (sharded if hasattr(g, "to_local") else local).append(
+                (g.to_local() if hasattr(g, "to_local") else g).float().square().sum())
+    total = torch.stack(local).sum() if local else torch.zeros(())
+    if sharded:
+        part = torch.stack(sharded).sum()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(part)
+        total = total.to(part.device) + part
+    return total.sqrt()

@@ -1,0 +1,86 @@
+"""Build everything from a composed Hydra config and train (``train.py`` is a thin wrapper)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import validate_config
+from .checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(node: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
+    if node is None:
+        return []
+    return [instantiate(c) for c in node.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def run_summary(cfg: DictConfig) -> dict[str, Any]:
+    """The knobs that tell runs apart, flat, for TensorBoard's HPARAMS tab."""
+    attention = str(OmegaConf.select(cfg, "model.attention._target_", default="")).rsplit(".", 1)[-1]
+    summary: dict[str, Any] = {"attention": attention, "seed": cfg.seed, "seq_len": cfg.data.seq_len,
+                               "lr": OmegaConf.select(cfg, "optim.lr")}
+    if attention == "SPLAAttention":
+        for key in ("scorer.method", "scorer.covariance", "sparse.mode", "sparse.block_size", "sparse.topk",
+                    "sparse.query_block"):
+            summary[key] = OmegaConf.select(cfg, key)
+        rla = OmegaConf.select(cfg, "model.attention.rla")
+        summary["rla"] = "none" if rla is None else f"{rla.mode}/{rla.feature_map}/{rla.combine}"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        summary["overrides"] = " ".join(HydraConfig.get().overrides.task)
+    except ValueError:  # not running under Hydra
+        pass
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """Validate ``cfg`` and build the data module and the LightningModule (model inside)."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model)
+    module = instantiate(cfg.module, net=net, task_names=datamodule.val_dataset.task_names)
+    # Stored in every checkpoint so eval.py can rebuild the model (set after instantiation: Hydra would
+    # otherwise instantiate the _target_ entries inside it).
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)  # present when composed with return_hydra_config (tests, notebooks)
+    module.run_config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(plain), {"paths": cfg.paths}),
+                                               resolve=True)
+    return datamodule, module
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as configured; returns the final logged metrics (floats)."""
+    datamodule, module = build(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` just works
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
+                                     logger=_instantiate_all(cfg.get("logger")) or False,
+                                     plugins=[AtomicCheckpointIO()])
+    for logger in trainer.loggers:
+        logger.log_hyperparams(run_summary(cfg))
+    n_params = module.net.num_parameters() if hasattr(module.net, "num_parameters") else 0
+    log.info("model: %s non-embedding parameters; output: %s", f"{n_params:,}", output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        log.warning("training was interrupted at step %d", trainer.global_step)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)  # the final state, whatever the checkpoint interval
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics["global_step"] = float(trainer.global_step)
+    log.info("done at step %d; last checkpoint: %s", trainer.global_step, last)
+    return metrics

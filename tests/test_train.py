@@ -1,0 +1,113 @@
+"""End to end: training, exact resume, reproducibility, the NaN stop, atomic checkpoints, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra_utils import ROOT, make_cfg
+
+from spla_lit.training import LMModule, NonFiniteLossError
+from spla_lit.training.checkpoint_io import atomic_torch_save
+from spla_lit.training.run import train
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def test_training_reduces_loss_and_writes_logs_and_checkpoints(tmp_path):
+    metrics = train(make_cfg(["trainer.max_steps=12", "trainer.val_check_interval=6", "optim.lr=1e-2"], tmp_path))
+    assert metrics["global_step"] == 12
+    assert metrics["train/loss"] < 4.5  # from ln(128) = 4.85 at init: it learns the token statistics
+    assert "val/loss" in metrics and "val/answer_acc" in metrics and "train/rla/residual_share" in metrics
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    assert {"last.ckpt", "step000006.ckpt", "step000012.ckpt"} <= ckpts
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["spla_config"]["scorer"]["method"] == "taylor2"  # eval.py rebuilds the model from this
+
+
+def test_resume_continues_at_the_exact_step_and_data(tmp_path):
+    full = tmp_path / "full"
+    train(make_cfg(["trainer.max_steps=6", "trainer.val_check_interval=3", "scorer=random"], full))
+    half = full / "checkpoints" / "step000003.ckpt"
+    resumed = tmp_path / "resumed"
+    train(make_cfg(["trainer.max_steps=6", "trainer.val_check_interval=3", "scorer=random", f"ckpt_path={half}"],
+                   resumed))
+    a, b = _weights(full / "checkpoints" / "last.ckpt"), _weights(resumed / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_same_seed_reproduces_and_other_seed_differs(tmp_path):
+    runs = {}
+    for name, seed in [("a", 7), ("b", 7), ("c", 8)]:
+        train(make_cfg(["trainer.max_steps=3", f"seed={seed}"], tmp_path / name))
+        runs[name] = _weights(tmp_path / name / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = LMModule._loss
+
+    def poisoned(self, logits, labels):
+        loss = real_loss(self, logits, labels)
+        return loss * float("nan") if self.training and self.global_step == 3 else loss
+
+    monkeypatch.setattr(LMModule, "_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        train(make_cfg(["trainer.max_steps=8", "trainer.val_check_interval=2"], tmp_path))
+    good = tmp_path / "checkpoints" / "step000002.ckpt"
+    assert good.exists() and not (tmp_path / "checkpoints" / "step000004.ckpt").exists()
+    assert all(torch.isfinite(v).all() for v in _weights(good).values())
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full, say")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_torch_save({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+TINY_CLI = ["data.seq_len=128", "data.vocab_size=128", "data.batch_size=2", "data.val_samples=2",
+            "model.d_model=32", "model.n_layers=1", "sparse.block_size=16", "sparse.topk=3",
+            "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false"]
+
+
+def test_cli_run_writes_config_logs_and_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", *TINY_CLI, f"paths.log_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "train" / "runs").iterdir()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "-m", "scorer=taylor2,random", "rla=none", *TINY_CLI,
+                           f"paths.log_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_spla_taylor2_topk_none", "1_spla_random_topk_none"]
+    for job in jobs:
+        assert (sweep / job / "checkpoints" / "last.ckpt").exists()
+        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,42 @@
+"""Train a language model with SPLA (or a baseline) attention.
+
+    python train.py                                  # tiny SPLA LM on the embedded data, on the CPU
+    python train.py model=spla scorer=taylor2        # choose components by config group
+    python train.py -m scorer=taylor2,taylor1,random rla=subtract,none   # an ablation sweep
+    python train.py trainer=gpu data.seq_len=4096 trainer.max_steps=2000
+    python train.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume exactly
+
+See conf/ for every option; `python train.py --help` lists the config groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from spla_lit.config import ConfigError
+from spla_lit.training import NonFiniteLossError
+from spla_lit.training.run import train
+
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as e:
+        log.error("invalid config: %s", e)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        sys.exit(1)
+    # the value a Hydra sweeper would optimise
+    return metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()
