@@ -22,7 +22,7 @@ def relu(x: torch.Tensor) -> torch.Tensor:
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the head dimension (positive, sums to one)."""
-    return torch.softmax(x.float(), dim=-1).to(x.dtype)
+    return torch.softmax(x if x.dtype == torch.float64 else x.float(), dim=-1).to(x.dtype)
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv, check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
+from ._checks import (
+    cdiv,
+    check_block_idx,
+    check_cu_seqlens,
+    check_positive_int,
+    check_qk,
+    check_query_block,
+    check_values,
+)
 from ._dispatch import kernel, use_triton
 from .blocks import selected_causal_counts, selected_key_mask, union_tiles
 from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
@@ -37,6 +45,7 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     """
     B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
     v = check_values(v, phi_k, k_name="phi_k")
+    check_positive_int("chunk_size", chunk_size)
     segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N)
     if use_triton(impl, "causal_linear_attention", phi_q, phi_k, v):
         return kernel("causal_linear_attention")(phi_q, phi_k, v, cu_seqlens=cu_seqlens)
@@ -161,6 +170,8 @@ def residual_linear_attention(
     v = check_values(v, phi_k, k_name="phi_k")
     check_query_block(query_block, block_size)
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
     if normalize or return_normalizer:
         v = _append_ones(v)
     glob = causal_linear_attention(phi_q, phi_k, v, cu_seqlens=cu_seqlens, impl=impl)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv, check_cu_seqlens, check_positive_int, check_query_block
+from ._checks import cdiv, check_cu_seqlens, check_positive_int, check_qk, check_query_block
 from ._dispatch import kernel, use_triton
 from .blocks import forced_blocks, visible_blocks
 from .scoring import block_scores
@@ -61,7 +61,7 @@ def select_blocks(
             f"(local_blocks={local_blocks}, sink_blocks={sink_blocks}, query_block={query_block})"
         )
     visible = visible_blocks(nQ, nK, query_block, block_size, scores.device)
-    s = scores.detach().float().nan_to_num(nan=float("-inf"))
+    s = scores.detach().float().nan_to_num(nan=float("-inf"), neginf=float("-inf"))
     s = s.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
     kk = min(topk, nK)
     vals, idx = s.topk(kk, dim=-1)
@@ -96,10 +96,17 @@ def score_and_select(
     On CUDA the Triton kernel fuses the two so the per-token score matrix [B, Hkv, N, nK] is never
     materialised (taylor1, taylor2 with diag or lowrank covariance); other scorers use the reference.
     """
+    check_qk(q, k)
+    check_query_block(query_block, block_size)
+    check_positive_int("topk", topk)
+    check_positive_int("local_blocks", local_blocks)
+    check_positive_int("sink_blocks", sink_blocks, minimum=0)
+    need = min_topk(block_size=block_size, query_block=query_block, local_blocks=local_blocks, sink_blocks=sink_blocks)
+    if need > topk:
+        raise ValueError(f"topk ({topk}) is smaller than the {need} forced blocks "
+                         f"(local_blocks={local_blocks}, sink_blocks={sink_blocks}, query_block={query_block})")
     fusable = scorer in ("taylor1", "taylor2") and (scorer == "taylor1" or covariance in ("diag", "lowrank"))
     if fusable and use_triton(impl, "select_blocks_fused", q, k):
-        check_positive_int("topk", topk)
-        check_query_block(query_block, block_size)
         return kernel("select_blocks_fused")(
             q, k, block_size=block_size, topk=topk, query_block=query_block, local_blocks=local_blocks,
             sink_blocks=sink_blocks, scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce,

@@ -16,7 +16,7 @@ from .linear_attention import (
     residual_linear_attention,
 )
 from .selection import score_and_select
-from .sparse_attention import block_sparse_attention
+from .sparse_attention import acc_dtype, block_sparse_attention
 
 RLA_MODES = ("subtract", "explicit", "none")
 COMBINES = ("add", "joint")
@@ -26,7 +26,8 @@ def combine_add(o_sparse: torch.Tensor, residual: torch.Tensor, gate: torch.Tens
     """``o = o_sparse + gate * r``. o_sparse, residual: [B, N, Hq, Dv]; gate: scalar or [B, N, Hq]."""
     if isinstance(gate, torch.Tensor):
         gate = gate[..., None]
-    return (o_sparse.float() + gate * residual.float()).to(o_sparse.dtype)
+    dt = acc_dtype(o_sparse)
+    return (o_sparse.to(dt) + gate * residual.to(dt)).to(o_sparse.dtype)
 
 
 def combine_joint(o_sparse: torch.Tensor, lse: torch.Tensor, num_den: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,10 @@ def combine_joint(o_sparse: torch.Tensor, lse: torch.Tensor, num_den: torch.Tens
 
     o_sparse [B, N, Hq, Dv]; lse [B, Hq, N]; num_den [B, N, Hq, Dv + 1] (numerator, then denominator).
     """
-    w = torch.exp(-lse.float().clamp_min(-60.0)).transpose(1, 2)[..., None]  # [B, N, Hq, 1]
-    num, den = num_den[..., :-1].float(), num_den[..., -1:].float()
-    out = (o_sparse.float() + w * num) / (1 + w * den.clamp_min(0))
+    dt = acc_dtype(o_sparse)
+    w = torch.exp(-lse.to(dt).clamp_min(-60.0)).transpose(1, 2)[..., None]  # [B, N, Hq, 1]
+    num, den = num_den[..., :-1].to(dt), num_den[..., -1:].to(dt)
+    out = (o_sparse.to(dt) + w * num) / (1 + w * den.clamp_min(0))
     return out.to(o_sparse.dtype)
 
 
