@@ -47,3 +47,15 @@ def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
             raise RuntimeError(f"impl='triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         return True
     return available and all(t.is_cuda for t in tensors)
+
+
+def run_kernel(impl: str, op: str, *args, **kwargs):
+    """Call ``spla_kernels.<op>``; None when the kernel declines these arguments (``NotImplementedError``,
+    e.g. ``query_block > 1`` or a feature dim it has no tile for) and ``impl`` is not a forced ``"triton"``,
+    so the caller falls back to its reference."""
+    try:
+        return kernel(op)(*args, **kwargs)
+    except NotImplementedError:
+        if impl == "triton":
+            raise
+        return None

@@ -23,7 +23,7 @@ from ._checks import (
     check_query_block,
     check_values,
 )
-from ._dispatch import kernel, use_triton
+from ._dispatch import run_kernel, use_triton
 from .blocks import selected_causal_counts, selected_key_mask, union_tiles
 from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
 
@@ -48,7 +48,9 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     check_positive_int("chunk_size", chunk_size)
     segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N)
     if use_triton(impl, "causal_linear_attention", phi_q, phi_k, v):
-        return kernel("causal_linear_attention")(phi_q, phi_k, v, cu_seqlens=cu_seqlens)
+        out = run_kernel(impl, "causal_linear_attention", phi_q, phi_k, v, cu_seqlens=cu_seqlens)
+        if out is not None:
+            return out
     if segments is not None:
         return torch.cat([causal_linear_attention(phi_q[:, s:e], phi_k[:, s:e], v[:, s:e], chunk_size=chunk_size,
                                                   impl="reference") for s, e in segments], dim=1)
@@ -89,8 +91,10 @@ def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
     segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
     if use_triton(impl, "selected_linear_attention", phi_q, phi_k, v):
-        return kernel("selected_linear_attention")(phi_q, phi_k, v, block_idx, block_size=block_size,
-                                                   query_block=query_block, cu_seqlens=cu_seqlens)
+        out = run_kernel(impl, "selected_linear_attention", phi_q, phi_k, v, block_idx, block_size=block_size,
+                         query_block=query_block, cu_seqlens=cu_seqlens)
+        if out is not None:
+            return out
     if segments is not None:
         return torch.cat([selected_linear_attention(phi_q[:, s:e], phi_k[:, s:e], v[:, s:e], block_idx[:, :, s:e],
                                                     block_size=block_size, impl="reference")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import cdiv, check_cu_seqlens, check_positive_int, check_qk, check_query_block
-from ._dispatch import kernel, use_triton
+from ._dispatch import run_kernel, use_triton
 from .blocks import forced_blocks, visible_blocks
 from .scoring import block_scores
 
@@ -107,10 +107,11 @@ def score_and_select(
                          f"(local_blocks={local_blocks}, sink_blocks={sink_blocks}, query_block={query_block})")
     fusable = scorer in ("taylor1", "taylor2") and (scorer == "taylor1" or covariance in ("diag", "lowrank"))
     if fusable and use_triton(impl, "select_blocks_fused", q, k):
-        return kernel("select_blocks_fused")(
-            q, k, block_size=block_size, topk=topk, query_block=query_block, local_blocks=local_blocks,
-            sink_blocks=sink_blocks, scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce,
-            scale=scale, cu_seqlens=cu_seqlens)
+        out = run_kernel(impl, "select_blocks_fused", q, k, block_size=block_size, topk=topk, query_block=query_block,
+                         local_blocks=local_blocks, sink_blocks=sink_blocks, scorer=scorer, covariance=covariance,
+                         rank=rank, head_reduce=head_reduce, scale=scale, cu_seqlens=cu_seqlens)
+        if out is not None:
+            return out
     scores = block_scores(q, k, block_size=block_size, query_block=query_block, scorer=scorer, covariance=covariance,
                           rank=rank, head_reduce=head_reduce, scale=scale, generator=generator, cu_seqlens=cu_seqlens)
     return select_blocks(scores, topk=topk, block_size=block_size, query_block=query_block,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import cdiv, check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
-from ._dispatch import kernel, use_triton
+from ._dispatch import run_kernel, use_triton
 from .blocks import selected_key_mask
 
 
@@ -75,9 +75,12 @@ def block_sparse_attention(
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=q.device)
     scale = D**-0.5 if scale is None else scale
     segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+    fast = None
     if use_triton(impl, "block_sparse_attention", q, k, v):
-        o, lse = kernel("block_sparse_attention")(q, k, v, block_idx, block_size=block_size,
-                                                  query_block=query_block, scale=scale, cu_seqlens=cu_seqlens)
+        fast = run_kernel(impl, "block_sparse_attention", q, k, v, block_idx, block_size=block_size,
+                          query_block=query_block, scale=scale, cu_seqlens=cu_seqlens)
+    if fast is not None:
+        o, lse = fast
     elif segments is not None:
         parts = [block_sparse_attention(q[:, s:e], k[:, s:e], v[:, s:e], block_idx[:, :, s:e], block_size=block_size,
                                         scale=scale, return_lse=True, impl="reference") for s, e in segments]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_choice, check_qk, check_values
-from ._dispatch import kernel, use_triton
+from ._dispatch import run_kernel, use_triton
 from .feature_maps import feature_map as get_feature_map
 from .linear_attention import (
     _append_ones,
@@ -69,11 +69,14 @@ def sparse_attention_with_residual(
     """
     B, N, Hq, Hkv, D = check_qk(q, k)
     check_values(v, k)
+    with_den = normalize or return_normalizer
+    fused = None
     if use_triton(impl, "sparse_attention_with_selected_linear", q, k, v, phi_q, phi_k):
-        with_den = normalize or return_normalizer
-        o, lse, sel = kernel("sparse_attention_with_selected_linear")(
-            q, k, v, phi_q, phi_k, block_idx, block_size=block_size, query_block=query_block,
-            scale=D**-0.5 if scale is None else scale, with_normalizer=with_den, cu_seqlens=cu_seqlens)
+        fused = run_kernel(impl, "sparse_attention_with_selected_linear", q, k, v, phi_q, phi_k, block_idx,
+                           block_size=block_size, query_block=query_block, scale=D**-0.5 if scale is None else scale,
+                           with_normalizer=with_den, cu_seqlens=cu_seqlens)
+    if fused is not None:
+        o, lse, sel = fused
         v_lin = _append_ones(v) if with_den else v
         glob = causal_linear_attention(phi_q, phi_k, v_lin, cu_seqlens=cu_seqlens, impl=impl)
         nonempty = has_unselected_keys(block_idx, N, block_size, query_block, cu_seqlens)

@@ -1,0 +1,130 @@
+"""Triton kernel of the fused block scoring + per-token top-k selection (launched from ``select.py``).
+
+One program takes ``BT`` tokens of one sequence and one KV head, all G query heads of that KV head packed as
+rows ``(token, g)``; it walks the causally visible key blocks ``BN`` at a time, scores them with
+``tl.dot`` against per-block statistics, reduces over the heads and folds the chunk into a running top-k.
+
+Scores, per (token, head): ``log|b| + q.mu'_b [+ q^2.var'_b | + sum_r (q.w'_rb)^2]`` with the scale folded
+into the statistics (``mu' = scale mu``, ``var' = scale^2/2 var``, ``w'_r = sqrt(scale^2/2 lam_r) u_r``).
+
+Top-k: each (score, block) pair is packed into one int64 key, ``order-preserving(score) << 32 | (2^31-1-b)``
+(ties go to the lower block), so the running top-k is a sort of integers: ``tl.topk`` of the chunk, then a
+bitonic merge with the running list. Forced blocks score +inf, invisible ones (and -inf / NaN scores) get
+the sentinel ``INT64_MIN`` and become -1 padding.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._linear_tl import dot, dot_rhs32, op
+
+
+@triton.jit
+def _sortable(x):
+    """float32 -> int32 with the same order (for non-NaN values)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def select_kernel(
+    Q, LOGC, MU, SEC, OUT, tile_start, tile_end, tile_seq, tile_boff, tile_nk,
+    sq_t, sq_h, s_mu_h, s_sec_h, s_sec_r, so_h, so_t,
+    G, D, block_size, local_blocks, sink_blocks, topk,
+    BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    ORDER: tl.constexpr, RANK: tl.constexpr, REDUCE: tl.constexpr, QUAD_SPLIT: tl.constexpr, MERGE: tl.constexpr,
+    LOWP: tl.constexpr, INTERP: tl.constexpr,
+):
+    """grid (query tiles, Hkv). ORDER: 1 taylor1, 2 taylor2-diag, 3 taylor2-lowrank. REDUCE: 0 lse, 1 max, 2 mean.
+    OUT [Hkv, T, topk] int32: ascending local block indices, -1 padded."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    t0 = tl.load(tile_start + pid)
+    t1 = tl.load(tile_end + pid)
+    seq0 = tl.load(tile_seq + pid)
+    boff = tl.load(tile_boff + pid)
+    nk = tl.load(tile_nk + pid)
+    BM: tl.constexpr = BT * GP
+    MAXB: tl.constexpr = 2147483647  # 2^31 - 1: block b is stored as MAXB - b in the low 32 bits of a key
+    SENT: tl.constexpr = -9223372036854775808  # INT64_MIN: no block
+    rows = tl.arange(0, BM)
+    rtok = t0 + rows // GP
+    rg = rows % GP
+    row_ok = (rtok < t1) & (rg < G)
+    ds = tl.arange(0, BD)
+    dm = ds < D
+    qf = tl.load(Q + rtok.to(tl.int64)[:, None] * sq_t + (h * G + rg)[:, None] * sq_h + ds[None, :],
+                 mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    q = op(qf, LOWP)
+    if ORDER == 2:
+        q2 = qf * qf  # exact in float32 for bf16 q
+        q2h = op(q2, LOWP)
+        q2l = op(q2 - q2h.to(tl.float32), LOWP)
+
+    toks = t0 + tl.arange(0, BT)
+    diag = (toks - seq0) // block_size  # the block holding the token
+    lo = tl.maximum(diag - local_blocks + 1, 0)  # first forced local block
+    n_vis = (t1 - 1 - seq0) // block_size + 1  # blocks visible to the tile's last token
+    best = tl.full([BT, KP], SENT, dtype=tl.int64)
+    for b0 in range(0, n_vis, BN):
+        blk = b0 + tl.arange(0, BN)
+        bok = blk < nk
+        gb = (boff + blk).to(tl.int64)
+        st_off = gb[None, :] * D + ds[:, None]  # [BD, BN] view of the [nK, D] statistics
+        st_m = dm[:, None] & bok[None, :]
+        s = tl.zeros([BM, BN], dtype=tl.float32)
+        mu = tl.load(MU + h * s_mu_h + st_off, mask=st_m, other=0.0)
+        s = dot_rhs32(q, mu, s, True, LOWP, INTERP)
+        if ORDER == 2:
+            var = tl.load(SEC + h * s_sec_h + st_off, mask=st_m, other=0.0)
+            if LOWP:
+                vh = var.to(tl.bfloat16)
+                s = dot(q2h, vh, s, LOWP, INTERP)
+                if QUAD_SPLIT:
+                    s = dot(q2l, vh, s, LOWP, INTERP)
+                    s = dot(q2h, (var - vh.to(tl.float32)).to(tl.bfloat16), s, LOWP, INTERP)
+            else:
+                s = dot(q2h, var, s, LOWP, INTERP)
+        if ORDER == 3:
+            for r in tl.static_range(RANK):
+                w = tl.load(SEC + h * s_sec_h + r * s_sec_r + st_off, mask=st_m, other=0.0)
+                p = dot_rhs32(q, w, tl.zeros([BM, BN], dtype=tl.float32), QUAD_SPLIT, LOWP, INTERP)
+                s += p * p
+        s += tl.load(LOGC + gb, mask=bok, other=0.0)[None, :]
+        # Reduce the G heads of each token: rows (token, g) -> [BT, GP, BN].
+        s3 = tl.reshape(s, [BT, GP, BN])
+        g_ok = (tl.arange(0, GP) < G)[None, :, None]
+        if REDUCE == 0:
+            s3 = tl.where(g_ok, s3, float("-inf"))
+            m = tl.max(s3, axis=1)
+            red = m + tl.log(tl.sum(tl.exp(s3 - m[:, None, :]), axis=1))
+        elif REDUCE == 1:
+            red = tl.max(tl.where(g_ok, s3, float("-inf")), axis=1)
+        else:
+            red = tl.sum(tl.where(g_ok, s3, 0.0), axis=1) / G
+        vis = (blk[None, :] <= diag[:, None]) & bok[None, :]
+        forced = vis & ((blk[None, :] >= lo[:, None]) | (blk[None, :] < sink_blocks))
+        red = tl.where(forced, float("inf"), red)
+        red = tl.where(red != red, float("-inf"), red)  # NaN scores are never picked, like the reference
+        key = (_sortable(red).to(tl.int64) << 32) + (MAXB - blk)[None, :].to(tl.int64)
+        key = tl.where(vis & (red != float("-inf")), key, SENT)
+        if MERGE:
+            cand = tl.topk(key, KP, dim=1)  # descending
+            # best (descending) and cand reversed (ascending): their elementwise max holds the top KP of both
+            # and is bitonic, so one merge sorts it.
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(cand, 1)), dim=1, descending=True)
+        else:
+            best = tl.maximum(best, tl.max(key, axis=1)[:, None])
+    rank = tl.arange(0, KP)[None, :]
+    keep = (best != SENT) & (rank < topk)
+    idx = tl.where(keep, MAXB - (best & 0xFFFFFFFF).to(tl.int32), MAXB)
+    idx = tl.sort(idx, dim=1)  # ascending, padding (MAXB) last
+    idx = tl.where(idx == MAXB, -1, idx)
+    tok_ok = toks < t1
+    tl.store(OUT + h * so_h + toks.to(tl.int64)[:, None] * so_t + rank, idx, mask=tok_ok[:, None] & (rank < topk))
+
+
+def next_pow2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
