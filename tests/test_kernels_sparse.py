@@ -1,0 +1,211 @@
+"""Triton sparse kernels (kernels/sparse.py) against the PyTorch references, on CPU via TRITON_INTERPRET=1.
+
+Forward outputs (o, lse, sel) and the gradients of every input are compared with ``spla_lit.ops``'s
+reference ops on fresh random inputs; kernel outputs are NaN-poisoned first so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import spla_kernels.sparse as S  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from spla_lit import ops  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_config(monkeypatch):
+    monkeypatch.setattr(S, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(S, "CONFIGS", {"sparse": S.SparseConfig(), "fused": S.SparseConfig()})
+
+
+def _inputs(B, N, Hq, Hkv, D, dtype, seed, F_dim=None):
+    g = torch.Generator().manual_seed(seed)
+    F_dim = D if F_dim is None else F_dim
+    q, k, v = (torch.randn(B, N, h, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    # elu1-like positive features (a leaf of their own, so their gradients are checked separately).
+    pq = (F.elu(torch.randn(B, N, Hq, F_dim, generator=g)) + 1).to(dtype)
+    pk = (F.elu(torch.randn(B, N, Hkv, F_dim, generator=g)) + 1).to(dtype)
+    return [x.requires_grad_() for x in (q, k, v, pq, pk)]
+
+
+def _random_idx(B, Hkv, N, bs, topk, query_block, seed):
+    """Random per-(query block) selection: the diagonal block(s) plus random visible ones, ascending, -1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    nq = -(-N // query_block)
+    out = torch.full((B, Hkv, nq, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(nq):
+                last = min((t + 1) * query_block, N) - 1
+                forced = set(range((t * query_block) // bs, last // bs + 1))
+                others = [c for c in range(last // bs + 1) if c not in forced]
+                extra = torch.randperm(len(others), generator=g)[: max(0, topk - len(forced))].tolist()
+                n_extra = int(torch.randint(0, len(extra) + 1, (1,), generator=g))
+                chosen = sorted(forced | {others[i] for i in extra[:n_extra]})
+                out[b, h, t, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return out
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def _reference(q, k, v, pq, pk, idx, bs, qb, scale, norm, cu=None):
+    o, lse = ops.block_sparse_attention(q, k, v, idx, block_size=bs, query_block=qb, scale=scale, return_lse=True,
+                                        cu_seqlens=cu, impl="reference")
+    vv = torch.cat([v, torch.ones_like(v[..., :1])], -1) if norm else v
+    sel = ops.selected_linear_attention(pq, pk, vv, idx, block_size=bs, query_block=qb, cu_seqlens=cu,
+                                        impl="reference")
+    return o, lse, sel
+
+
+def _check_fused(q, k, v, pq, pk, idx, bs, qb, norm, dtype, seed, cu=None):
+    scale = q.shape[-1] ** -0.5
+    out = S.sparse_attention_with_selected_linear(q, k, v, pq, pk, idx, block_size=bs, query_block=qb, scale=scale,
+                                                  with_normalizer=norm, cu_seqlens=cu)
+    ref = _reference(q, k, v, pq, pk, idx, bs, qb, scale, norm, cu)
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32 and out[2].dtype == torch.float32
+    for name, a, b in zip(("o", "lse", "sel"), out, ref):
+        assert a.shape == b.shape, name
+        assert _rel(a, b) < _tol(dtype), (name, _rel(a, b))
+    g = torch.Generator().manual_seed(seed + 1)
+    ups = [torch.randn(x.shape, generator=g) for x in ref]
+    leaves = [q, k, v, pq, pk]
+    got = torch.autograd.grad(sum((a.float() * u).sum() for a, u in zip(out, ups)), leaves)
+    want = torch.autograd.grad(sum((b.float() * u).sum() for b, u in zip(ref, ups)), leaves)
+    for name, a, b in zip(("dq", "dk", "dv", "dphi_q", "dphi_k"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _rel(a, b) < 3 * _tol(dtype), (name, _rel(a, b))
+
+
+# (B, N, Hq, Hkv, D, block_size, topk, query_block, dtype, with_normalizer)
+CASES = [
+    (1, 70, 4, 2, 16, 16, 3, 1, torch.float32, True),  # GQA G=2, partial last block
+    (2, 45, 2, 2, 32, 16, 2, 1, torch.bfloat16, False),  # G=1, batch of 2
+    (1, 64, 16, 1, 16, 16, 2, 1, torch.bfloat16, True),  # G=16 (the benchmark's group), one KV head
+    (1, 50, 4, 2, 16, 16, 2, 16, torch.float32, True),  # query blocks of 16 tokens
+    (1, 37, 6, 2, 16, 8, 3, 4, torch.float32, False),  # G=3, blocks of 8 (padded tiles), query blocks of 4
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_fused_matches_reference(case):
+    B, N, Hq, Hkv, D, bs, topk, qb, dtype, norm = case
+    seed = sum(x for x in case if isinstance(x, int))
+    q, k, v, pq, pk = _inputs(B, N, Hq, Hkv, D, dtype, seed)
+    idx = _random_idx(B, Hkv, N, bs, topk, qb, seed)
+    _check_fused(q, k, v, pq, pk, idx, bs, qb, norm, dtype, seed)
+
+
+@pytest.mark.parametrize("rows,window", [(16, 8), (64, None), (32, 16)])
+def test_tile_configs_agree(monkeypatch, rows, window):
+    """Other group sizes and dK/dV windows (several items per unit: the atomics) give the same result."""
+    cfg = S.SparseConfig(fwd_rows=rows, dq_rows=rows, dkv_rows=rows, window=window)
+    monkeypatch.setattr(S, "CONFIGS", {"sparse": cfg, "fused": cfg})
+    q, k, v, pq, pk = _inputs(1, 48, 8, 2, 16, torch.float32, 7 + rows)
+    idx = ops.score_and_select(q, k, block_size=16, topk=2, impl="reference")  # a real scorer's selection
+    _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.float32, 3)
+
+
+def test_feature_dim_differs_from_head_dim():
+    q, k, v, pq, pk = _inputs(1, 40, 4, 2, 16, torch.float32, 11, F_dim=32)
+    idx = _random_idx(1, 2, 40, 16, 2, 1, 11)
+    _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.float32, 11)
+
+
+def test_packed_sequences():
+    """cu_seqlens: local block indices per sequence, nothing crosses a boundary (also the selection)."""
+    lens = [23, 40, 9]
+    N = sum(lens)
+    cu = torch.tensor([0, 23, 63, 72], dtype=torch.int32)
+    q, k, v, pq, pk = _inputs(1, N, 4, 2, 16, torch.bfloat16, 5)
+    parts = [_random_idx(1, 2, n, 16, 2, 1, 5 + i) for i, n in enumerate(lens)]
+    idx = torch.cat(parts, dim=2)
+    _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.bfloat16, 5, cu=cu)
+    # Same numbers as running each sequence on its own.
+    o = S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25, cu_seqlens=cu)[0]
+    s = 23
+    o2 = S.block_sparse_attention(q[:, s:63], k[:, s:63], v[:, s:63], parts[1], block_size=16, query_block=1,
+                                  scale=0.25)[0]
+    assert _rel(o[:, s:63], o2) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_block_selected_is_dense_causal_sdpa(dtype):
+    B, N, Hq, Hkv, D, bs = 1, 50, 4, 2, 16, 16
+    q, k, v, _, _ = _inputs(B, N, Hq, Hkv, D, dtype, 21)
+    nk = -(-N // bs)
+    idx = torch.arange(nk, dtype=torch.int32).expand(B, Hkv, N, nk).contiguous()
+    o, lse = S.block_sparse_attention(q, k, v, idx, block_size=bs, query_block=1, scale=D**-0.5)
+    qq, kk, vv = (x.double().transpose(1, 2) for x in (q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)))
+    ref = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(1, 2)
+    s = (qq @ kk.transpose(-1, -2)) * D**-0.5
+    lse_ref = s.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), float("-inf")).logsumexp(-1)
+    assert _rel(o, ref) < _tol(dtype)
+    assert _rel(lse, lse_ref) < 1e-5
+    # And its gradient is dense causal attention's.
+    do = torch.randn_like(ref)
+    got = torch.autograd.grad((o.double() * do).sum(), [q, k, v])
+    want = torch.autograd.grad((ref * do).sum(), [q, k, v])
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 3 * _tol(dtype)
+
+
+def test_block_sparse_with_lse_gradient():
+    """dlse flows into dq and dk (the joint combine differentiates through lse)."""
+    q, k, v, _, _ = _inputs(1, 40, 4, 2, 16, torch.float32, 31)
+    idx = _random_idx(1, 2, 40, 16, 3, 1, 31)
+    o, lse = S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25)
+    o_r, lse_r = ops.block_sparse_attention(q, k, v, idx, block_size=16, scale=0.25, return_lse=True,
+                                            impl="reference")
+    gl = torch.randn_like(lse)
+    got = torch.autograd.grad((lse * gl).sum() + o.sum(), [q, k, v])
+    want = torch.autograd.grad((lse_r * gl).sum() + o_r.sum(), [q, k, v])
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
+
+
+def test_selected_linear_alone_and_through_dispatch():
+    _, _, v, pq, pk = _inputs(1, 45, 4, 2, 16, torch.float32, 41)
+    idx = _random_idx(1, 2, 45, 16, 2, 1, 41)
+    sel = S.selected_linear_attention(pq, pk, v, idx, block_size=16, query_block=1)
+    via_ops = ops.selected_linear_attention(pq, pk, v, idx, block_size=16, impl="triton")
+    ref = ops.selected_linear_attention(pq, pk, v, idx, block_size=16, impl="reference")
+    assert sel.dtype == torch.float32 and _rel(sel, ref) < 1e-5 and _rel(via_ops, ref) < 1e-5
+    u = torch.randn_like(ref)
+    got = torch.autograd.grad((sel * u).sum(), [pq, pk, v])
+    want = torch.autograd.grad((ref * u).sum(), [pq, pk, v])
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
+
+
+def test_dispatch_block_sparse_triton():
+    q, k, v, _, _ = _inputs(1, 33, 4, 1, 16, torch.float32, 51)
+    idx = _random_idx(1, 1, 33, 16, 2, 1, 51)
+    o = ops.block_sparse_attention(q, k, v, idx, block_size=16, impl="triton")
+    ref = ops.block_sparse_attention(q, k, v, idx, block_size=16, impl="reference")
+    assert _rel(o, ref) < 1e-5
+
+
+def test_rejects_unsupported_feature_dim():
+    q, k, v, _, _ = _inputs(1, 16, 2, 1, 16, torch.float32, 0)
+    big = torch.ones(1, 16, 2, 300)
+    idx = torch.zeros(1, 1, 16, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="feature dim"):
+        S.sparse_attention_with_selected_linear(q, k, v, big, big[:, :, :1], idx, block_size=16, query_block=1,
+                                                scale=0.25, with_normalizer=False)
