@@ -73,7 +73,8 @@ class LMModule(L.LightningModule):
         loss = self._loss(logits, batch["labels"])
         self._check_finite(loss.detach(), "training loss")
         self.train_loss(loss.detach())
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        # sync_dist: the mean over data-parallel ranks, i.e. the loss of the global batch (equal tokens per rank)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         stats = getattr(self.net, "attention_stats", dict)()
         for key, value in stats.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)
@@ -113,6 +114,12 @@ class LMModule(L.LightningModule):
         self.val_loss.reset()
         self.val_answer_acc.reset()
         self.val_exact.reset()
+
+    def configure_model(self) -> None:
+        # torch.compile of the blocks and FSDP2 sharding (trainer=fsdp), once; see training/distributed.py
+        from .distributed import configure_model
+
+        configure_model(self)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import validate_config
+from ..config import ConfigError, validate_config
+from .callbacks import CompileReport
 from .checkpoint_io import AtomicCheckpointIO
+from .distributed import CompileOptions, distributed_job, install_hydra_launch_fix, writes_single_file
 
 log = logging.getLogger(__name__)
+
+# Keys of the `trainer` config group that are not `Trainer` arguments (run.py takes them out).
+TRAINER_EXTRAS = {"compile": False, "compile_fullgraph": False, "compile_mode": None, "compile_backend": "inductor"}
 
 
 def _instantiate_all(node: DictConfig | None) -> list[Any]:
@@ -61,16 +67,57 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
     return datamodule, module
 
 
+def split_trainer_config(node: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """(the `Trainer` arguments, the extras of :data:`TRAINER_EXTRAS` with their defaults filled in)."""
+    plain = OmegaConf.to_container(node, resolve=True)
+    extras = {key: plain.pop(key, default) for key, default in TRAINER_EXTRAS.items()}
+    return OmegaConf.create(plain), extras
+
+
+def compile_options(extras: dict[str, Any]) -> CompileOptions | None:
+    """The ``trainer.compile*`` keys as :class:`CompileOptions` (None: no compilation)."""
+    for key in ("compile", "compile_fullgraph"):
+        if not isinstance(extras[key], bool):
+            raise ConfigError(f"trainer.{key}: must be true or false, got {extras[key]!r}")
+    if not extras["compile"]:
+        return None
+    return CompileOptions(mode=extras["compile_mode"], fullgraph=extras["compile_fullgraph"],
+                          backend=extras["compile_backend"])
+
+
+def make_trainer(cfg: DictConfig, module: L.LightningModule) -> L.Trainer:
+    """The `Trainer` of ``cfg.trainer`` with its strategy, checkpoint plugin, callbacks and loggers; sets the
+    module's compile options (applied in ``LMModule.configure_model``)."""
+    trainer_cfg, extras = split_trainer_config(cfg.trainer)
+    module.compile_options = compile_options(extras)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not trainer_cfg.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` just works
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if module.compile_options is not None:
+        callbacks.append(CompileReport())
+    strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, DictConfig):
+        strategy = instantiate(strategy)
+    # The atomic single-file plugin only fits strategies that save one file through CheckpointIO (single
+    # device, DDP); FSDP2 writes a folder of shards itself (atomically too: see FSDP2Strategy).
+    plugins = [AtomicCheckpointIO()] if writes_single_file(strategy) else []
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False,
+                       plugins=plugins, strategy=strategy)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the final logged metrics (floats)."""
+    install_hydra_launch_fix()  # DDP/FSDP child processes re-run this job, not the whole command line
+    # The validation metrics are torchmetrics, whose compute() already reduces over ranks.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting")
+    with distributed_job():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = build(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` just works
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
-                                     logger=_instantiate_all(cfg.get("logger")) or False,
-                                     plugins=[AtomicCheckpointIO()])
+    trainer = make_trainer(cfg, module)
     for logger in trainer.loggers:
         logger.log_hyperparams(run_summary(cfg))
     n_params = module.net.num_parameters() if hasattr(module.net, "num_parameters") else 0
