@@ -111,3 +111,8 @@ def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
     for job in jobs:
         assert (sweep / job / "checkpoints" / "last.ckpt").exists()
         assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_logger_none_trains_without_tensorboard(tmp_path):
+    metrics = train(make_cfg(["logger=none", "trainer.max_steps=2"], tmp_path))
+    assert metrics["global_step"] == 2 and not (tmp_path / "tensorboard").exists()

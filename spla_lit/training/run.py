@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, validate_config
@@ -93,6 +93,9 @@ def make_trainer(cfg: DictConfig, module: L.LightningModule) -> L.Trainer:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not trainer_cfg.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` just works
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # `logger=none`: a learning-rate monitor would have nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if module.compile_options is not None:
         callbacks.append(CompileReport())
     strategy = trainer_cfg.get("strategy", "auto")
@@ -101,7 +104,7 @@ def make_trainer(cfg: DictConfig, module: L.LightningModule) -> L.Trainer:
     # The atomic single-file plugin only fits strategies that save one file through CheckpointIO (single
     # device, DDP); FSDP2 writes a folder of shards itself (atomically too: see FSDP2Strategy).
     plugins = [AtomicCheckpointIO()] if writes_single_file(strategy) else []
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False,
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                        plugins=plugins, strategy=strategy)
 
 
