@@ -61,7 +61,6 @@ def report_compiled(mod) -> None:
 @section
 def linear_checks():
     from spla_kernels import linear as L
-
     from spla_lit.ops import causal_linear_attention as cla
 
     L.RECORD = True
@@ -232,7 +231,6 @@ def linear_sweep():
 
 def _select_compare(q, k, **kw):
     from spla_kernels.select import select_blocks_fused
-
     from spla_lit.ops import block_scores, select_blocks
 
     sel = dict(topk=kw.pop("topk"), local_blocks=kw.pop("local_blocks"), sink_blocks=kw.pop("sink_blocks"))
@@ -267,7 +265,6 @@ def select_checks():
 
 def _select_one(N: int) -> str:
     from spla_kernels import select as S
-
     from spla_lit.ops import score_and_select
 
     Hq, Hkv, D = 32, 2, 128

@@ -340,7 +340,6 @@ def check(n: int, random: bool, n_rows: int = 256, full: bool = False, seed: int
     """Fused kernel vs float64 on ``n_rows`` random query rows (o, lse, sel, dq, dphi_q), or vs the dense
     float64 reference (every output and every gradient) with ``full``."""
     from spla_kernels.sparse import sparse_attention_with_selected_linear
-
     from spla_lit import ops
 
     q, k, v = make_inputs(n, seed=seed + n)
@@ -383,7 +382,6 @@ def check(n: int, random: bool, n_rows: int = 256, full: bool = False, seed: int
 def check_small_shapes(shapes=((1000, 4, 4, 64, None), (1500, 8, 2, 128, [0, 300, 1201, 1500]))) -> bool:
     """G=1, partial blocks, D=64, packed sequences: against the float64 references (all outputs, all grads)."""
     from spla_kernels.sparse import sparse_attention_with_selected_linear
-
     from spla_lit import ops
 
     ok = True

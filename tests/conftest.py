@@ -1,4 +1,5 @@
-"""Shared helpers for the ops tests: random inputs and independent (dense, float64) references.
+"""Test session setup, and shared helpers for the ops tests: random inputs and independent (dense, float64)
+references.
 
 The references here deliberately avoid ``spla_lit.ops`` helpers (``selected_key_mask`` and friends), so a
 bug in the bookkeeping of the ops cannot hide behind the same bug in the test.
@@ -7,8 +8,14 @@ bug in the bookkeeping of the ops cannot hide behind the same bug in the test.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
+# Triton kernels run under the interpreter on a machine without a GPU. Set before any test module imports
+# spla_kernels: a @triton.jit function decorated outside interpreter mode cannot be interpreted later.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def rand_qkv(B: int, N: int, Hq: int, Hkv: int, D: int, dtype: torch.dtype = torch.float32, seed: int = 0,

@@ -15,9 +15,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-import spla_kernels.sparse as S  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import spla_kernels.sparse as S  # noqa: E402
 from spla_lit import ops  # noqa: E402
 
 

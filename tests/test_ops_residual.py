@@ -18,7 +18,6 @@ from conftest import (
 from spla_lit.ops import (
     FEATURE_MAPS,
     causal_linear_attention,
-    causal_normalizer,
     explicit_residual_linear_attention,
     feature_dim,
     feature_map,
@@ -305,14 +304,3 @@ def test_selected_linear_attention_prefix_is_causal_to_rounding():
     s1 = selected_linear_attention(relu(q), relu(k), v, idx, block_size=bs)
     s2 = selected_linear_attention(relu(q2), relu(k2), v2, idx2, block_size=bs)
     torch.testing.assert_close(s1[:, : i + 1], s2[:, : i + 1], rtol=1e-5, atol=1e-5 * float(s1.abs().max()))
-
-
-@pytest.mark.parametrize("cu", [None, [0, 9, 30, 41]])
-def test_causal_normalizer_equals_linear_attention_ones_column(cu):
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    B = 1 if cu else 2
-    q, k, v = rand_qkv(B, 41, 4, 2, 8, torch.float64, seed=5)
-    pq, pk = feature_map("elu1")(q), feature_map("elu1")(k)
-    ones = torch.ones_like(v[..., :1])
-    ref = causal_linear_attention(pq, pk, ones, cu_seqlens=cu_t)
-    torch.testing.assert_close(causal_normalizer(pq, pk, cu_seqlens=cu_t), ref, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,6 @@ from .blocks import selected_causal_counts, selected_key_mask, token_block_idx, 
 from .feature_maps import FEATURE_MAPS, feature_dim, feature_map
 from .linear_attention import (
     causal_linear_attention,
-    causal_normalizer,
     explicit_residual_linear_attention,
     has_unselected_keys,
     residual_linear_attention,
@@ -24,7 +23,6 @@ __all__ = [
     "block_scores",
     "block_sparse_attention",
     "causal_linear_attention",
-    "causal_normalizer",
     "combine_add",
     "combine_joint",
     "exact_block_log_mass",

