@@ -75,6 +75,18 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     return _ungroup_heads(o)
 
 
+def _check_selection_args(phi_q, phi_k, v, block_idx, block_size: int, query_block: int,
+                          cu_seqlens: torch.Tensor | None):
+    """Validate the arguments shared by the selection-aware linear ops; return
+    ``(B, N, Hq, Hkv, F, v, segments)`` (segments: packed-sequence bounds, or None)."""
+    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
+    v = check_values(v, phi_k, k_name="phi_k")
+    check_query_block(query_block, block_size)
+    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
+    segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+    return B, N, Hq, Hkv, F, v, segments
+
+
 def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                               block_idx: torch.Tensor, *, block_size: int, query_block: int = 1,
                               cu_seqlens: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
@@ -85,11 +97,8 @@ def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
     The reference works on tiles of queries and gathers the union of their selected blocks (no block that
     none of them selected is read), masking per token: memory O(N * U * block_size), U the union size.
     """
-    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
-    v = check_values(v, phi_k, k_name="phi_k")
-    check_query_block(query_block, block_size)
-    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
-    segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+    B, N, Hq, Hkv, F, v, segments = _check_selection_args(phi_q, phi_k, v, block_idx, block_size, query_block,
+                                                          cu_seqlens)
     if use_triton(impl, "selected_linear_attention", phi_q, phi_k, v):
         out = run_kernel(impl, "selected_linear_attention", phi_q, phi_k, v, block_idx, block_size=block_size,
                          query_block=query_block, cu_seqlens=cu_seqlens)
@@ -170,12 +179,7 @@ def residual_linear_attention(
         float32 [B, N, Hq, Dv] (float64 for float64 input). Exactly zero for tokens whose causal keys
         are all selected. Never reads an unselected block.
     """
-    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
-    v = check_values(v, phi_k, k_name="phi_k")
-    check_query_block(query_block, block_size)
-    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+    B, N, Hq, Hkv, F, v, _ = _check_selection_args(phi_q, phi_k, v, block_idx, block_size, query_block, cu_seqlens)
     if normalize or return_normalizer:
         v = _append_ones(v)
     glob = causal_linear_attention(phi_q, phi_k, v, cu_seqlens=cu_seqlens, impl=impl)
@@ -203,12 +207,9 @@ def explicit_residual_linear_attention(
     Same signature and result as :func:`residual_linear_attention`: the check and cost reference
     (``rla=explicit``).
     """
-    B, N, Hq, Hkv, F = check_qk(phi_q, phi_k, q_name="phi_q", k_name="phi_k")
-    v = check_values(v, phi_k, k_name="phi_k")
-    check_query_block(query_block, block_size)
-    check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=phi_q.device)
-    if cu_seqlens is not None:
-        segments = check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
+    B, N, Hq, Hkv, F, v, segments = _check_selection_args(phi_q, phi_k, v, block_idx, block_size, query_block,
+                                                          cu_seqlens)
+    if segments is not None:
         return torch.cat([explicit_residual_linear_attention(
             phi_q[:, s:e], phi_k[:, s:e], v[:, s:e], block_idx[:, :, s:e], block_size=block_size,
             normalize=normalize, return_normalizer=return_normalizer, eps=eps) for s, e in segments], 1)
