@@ -83,15 +83,26 @@ def test_bf16_packed_sequences_odd_group():
 
 
 def test_value_dim_over_128():
-    # Dv = 128 + 1 (D = 128 with the normalizer column): two column slices, dk summed over both.
+    # Dv = 128 + 1 (D = 128 with the normalizer column): one 128-wide tile plus a float32 extra column.
     _check(1, 70, 2, 1, 16, 129, torch.bfloat16, tol_out=1e-4, tol_grad=2e-2)
 
 
-def test_super_chunks_and_fixup(monkeypatch):
+def test_value_dim_column_slices():
+    # Dv = 144 (no main + extra-column form): column slices of 128 and 64, dk summed over both.
+    _check(1, 70, 2, 1, 16, 144, torch.bfloat16, tol_out=1e-4, tol_grad=2e-2)
+
+
+def test_float32_extra_column_gqa_packed():
+    # float32 (tf32x3) with the extra column (Dv = 32 + 1), G = 2, packed sequences and partial chunks.
+    _check(1, 150, 4, 2, 32, 33, torch.float32, cu=[0, 70, 150], tol_out=1e-5, tol_grad=1e-5)
+
+
+@pytest.mark.parametrize("dv", [16, 17])
+def test_super_chunks_and_fixup(monkeypatch, dv):
     # Several chunks per super-chunk (the two-level scan and the fix-up pass), forward and reverse states,
-    # with sequences of 1, 4 and 6 chunks.
+    # with sequences of 1, 4 and 6 chunks; dv = 17: with the extra state column.
     monkeypatch.setattr(lin, "SUPER_TARGET", 1)
-    _check(1, 700, 4, 2, 16, 16, torch.float32, cu=[0, 20, 300, 700], tol_out=1e-5, tol_grad=1e-5)
+    _check(1, 700, 4, 2, 16, dv, torch.float32, cu=[0, 20, 300, 700], tol_out=1e-5, tol_grad=1e-5)
 
 
 def test_bf16_forward_keeps_float32_state_accuracy():
