@@ -11,59 +11,8 @@ Operand modes (constexpr flags):
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-
-def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``); then also applies the shims of
-    :func:`_patch_interpreter` (idempotent), whatever the import order was."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    _patch_interpreter()
-    return True
-
-
-def _patch_interpreter() -> None:
-    """Two shims for Triton's CPU interpreter (tests only; nothing changes on a GPU).
-
-    - Loops over a run-time bound (``range(n)`` with ``n`` a loaded scalar): the interpreter keeps scalars as
-      1-element arrays and converts them with ``int(array)``, which numpy 2.4 refuses. Re-register
-      ``__index__`` after the interpreter's own patch (its scope restores attributes in reverse order).
-    - ``tl.sort`` / ``tl.topk`` reduce with XOR, which the interpreter runs element by element in Python
-      (minutes for one tile); give it numpy's ``bitwise_xor.reduce``.
-    """
-    try:
-        import numpy as np
-        from triton.language import standard
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is not None and not getattr(original, "_spla_patched", False):
-
-        def patched(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        patched._spla_patched = True
-        interpreter._patch_lang_tensor = patched
-    reduce_ops = getattr(interpreter, "ReduceOps", None)
-    xor = getattr(standard, "_xor_combine", None)
-    if reduce_ops is not None and xor is not None and not getattr(reduce_ops.apply_impl, "_spla_patched", False):
-        apply_impl = reduce_ops.apply_impl
-
-        def fast_apply_impl(self, input):
-            if self.combine_fn == xor and len(input) == 1 and self.axis is not None:
-                data = np.bitwise_xor.reduce(input[0].handle.data, axis=self.axis, keepdims=self.keep_dims)
-                return self.to_tensor(data, input[0].dtype)
-            return apply_impl(self, input)
-
-        fast_apply_impl._spla_patched = True
-        reduce_ops.apply_impl = fast_apply_impl
-
 
 
 @triton.jit

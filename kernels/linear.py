@@ -37,7 +37,7 @@ from ._linear_kernels import (
     states_local_kernel,
     states_scan_kernel,
 )
-from ._linear_tl import interpreting
+from ._utils import interpreting
 
 CHUNK = 64  # tokens per chunk
 ROWS, OUT_WARPS, OUT_STAGES = 64, 4, 3  # output kernel: (token, head) rows per program, launch config

@@ -14,8 +14,8 @@ import functools
 
 import torch
 
-from ._linear_tl import interpreting
 from ._select_kernels import next_pow2, select_kernel
+from ._utils import interpreting
 
 BLOCKS_PER_STEP = 32  # key blocks scored per loop step (raised to the padded topk when that is larger)
 ROWS = 128  # (token, head) rows per program: BT = ROWS // G tokens

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ._utils import interpreting, patch_interpreter_scalar_index
+from ._utils import interpreting
 from .sparse_bwd import sparse_bwd_dkv_kernel, sparse_bwd_dq_kernel
 from .sparse_fwd import sparse_fwd_kernel
 from .sparse_index import Groups, Units, query_groups, token_units, transposed_items
@@ -97,13 +97,6 @@ def _p2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _interpret() -> bool:
-    if interpreting():
-        patch_interpreter_scalar_index()
-        return True
-    return False
-
-
 def _tokens_per_group(rows: int, G: int) -> int:
     return max(1, min(16, rows // G))
 
@@ -158,7 +151,7 @@ class _FusedSparse(torch.autograd.Function):
         o = _out(B, N, Hq, DV, dtype=ref.dtype, device=dev) if sparse else v.new_empty(0)
         lse = _out(B, Hq, N, dtype=torch.float32, device=dev) if sparse else v.new_empty(0, dtype=torch.float32)
         sel = _out(B, N, Hq, DVS, dtype=torch.float32, device=dev) if selected else v.new_empty(0)
-        upcast = _interpret() and v.dtype != torch.float32
+        upcast = interpreting() and v.dtype != torch.float32
         ng = grp.count.shape[1]
         qq, kk = (q, k) if sparse else (v, v)  # placeholders for the parts switched off
         pqq, pkk = (pq, pk) if selected else (v, v)
@@ -194,7 +187,7 @@ class _FusedSparse(torch.autograd.Function):
         B, N, Hkv, G = plan.B, plan.N, plan.Hkv, plan.G
         Hq = Hkv * G
         dev = v.device
-        upcast = _interpret() and v.dtype != torch.float32
+        upcast = interpreting() and v.dtype != torch.float32
         common = _common(D, F, DV, DVS, plan.block_size, upcast)
         ph = v  # placeholder pointer for the parts switched off
         if sp:
