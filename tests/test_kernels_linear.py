@@ -12,33 +12,16 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+from poison import PoisonTorch  # noqa: E402
 
 from spla_lit.ops import causal_linear_attention  # noqa: E402
 
 lin = pytest.importorskip("spla_kernels.linear")
 
 
-class _PoisonTorch:
-    """Stands in for ``torch`` inside the kernel module: every buffer it allocates starts as NaN, so an
-    element that no kernel writes shows up in the result."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    @staticmethod
-    def empty_like(x, **kwargs):
-        t = torch.empty_like(x, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(lin, "torch", _PoisonTorch())
+    monkeypatch.setattr(lin, "torch", PoisonTorch())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 from conftest import random_block_idx  # noqa: E402
+from poison import PoisonTorch  # noqa: E402
 
 from spla_lit import ops  # noqa: E402
 from spla_lit.ops.linear_attention import _append_ones, _finish_residual, has_unselected_keys  # noqa: E402
@@ -24,27 +25,10 @@ res = pytest.importorskip("spla_kernels.residual")
 lin = pytest.importorskip("spla_kernels.linear")
 
 
-class _PoisonTorch:
-    """Stands in for ``torch`` in the kernel modules: new buffers start as NaN (-7 for integers)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    @staticmethod
-    def empty_like(x, **kwargs):
-        t = torch.empty_like(x, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(lin, "torch", _PoisonTorch())
-    monkeypatch.setattr(res, "torch", _PoisonTorch())
+    monkeypatch.setattr(lin, "torch", PoisonTorch())
+    monkeypatch.setattr(res, "torch", PoisonTorch())
     # Several chunks per super-chunk wherever a sequence has several chunks (the stored local states and the
     # fix-up pass, with the normalizer's extra state column).
     monkeypatch.setattr(lin, "SUPER_TARGET", 1)

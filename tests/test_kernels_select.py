@@ -14,28 +14,16 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+from poison import PoisonTorch  # noqa: E402
 
 from spla_lit.ops import block_scores, score_and_select, select_blocks  # noqa: E402
 
 sel = pytest.importorskip("spla_kernels.select")
 
 
-class _PoisonTorch:
-    """Stands in for ``torch`` inside the kernel module: allocated buffers start as NaN / -7, so an element
-    the kernel never writes shows up."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(sel, "torch", _PoisonTorch())
+    monkeypatch.setattr(sel, "torch", PoisonTorch())
 
 
 def _assert_same_selection(got: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, topk: int) -> None:
