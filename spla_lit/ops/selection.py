@@ -16,6 +16,12 @@ def min_topk(*, block_size: int, query_block: int = 1, local_blocks: int = 1, si
     return max(local_blocks, overlap) + sink_blocks
 
 
+def _check_forced(topk: int, need: int, local_blocks: int, sink_blocks: int, query_block: int) -> None:
+    if need > topk:
+        raise ValueError(f"topk ({topk}) is smaller than the {need} forced blocks "
+                         f"(local_blocks={local_blocks}, sink_blocks={sink_blocks}, query_block={query_block})")
+
+
 def select_blocks(
     scores: torch.Tensor,
     *,
@@ -54,12 +60,7 @@ def select_blocks(
                           local_blocks=local_blocks, sink_blocks=sink_blocks)
             for s, e in segments], dim=2)
     forced = forced_blocks(nQ, nK, query_block, block_size, local_blocks, sink_blocks, scores.device)
-    need = int(forced.sum(-1).max())
-    if need > topk:
-        raise ValueError(
-            f"topk ({topk}) is smaller than the {need} forced blocks "
-            f"(local_blocks={local_blocks}, sink_blocks={sink_blocks}, query_block={query_block})"
-        )
+    _check_forced(topk, int(forced.sum(-1).max()), local_blocks, sink_blocks, query_block)
     visible = visible_blocks(nQ, nK, query_block, block_size, scores.device)
     s = scores.detach().float().nan_to_num(nan=float("-inf"), neginf=float("-inf"))
     s = s.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
@@ -102,9 +103,7 @@ def score_and_select(
     check_positive_int("local_blocks", local_blocks)
     check_positive_int("sink_blocks", sink_blocks, minimum=0)
     need = min_topk(block_size=block_size, query_block=query_block, local_blocks=local_blocks, sink_blocks=sink_blocks)
-    if need > topk:
-        raise ValueError(f"topk ({topk}) is smaller than the {need} forced blocks "
-                         f"(local_blocks={local_blocks}, sink_blocks={sink_blocks}, query_block={query_block})")
+    _check_forced(topk, need, local_blocks, sink_blocks, query_block)
     fusable = scorer in ("taylor1", "taylor2") and (scorer == "taylor1" or covariance in ("diag", "lowrank"))
     if fusable and use_triton(impl, "select_blocks_fused", q, k):
         out = run_kernel(impl, "select_blocks_fused", q, k, block_size=block_size, topk=topk, query_block=query_block,
