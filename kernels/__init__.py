@@ -15,6 +15,7 @@ _ENTRY_POINTS = {
     "selected_linear_attention": "sparse",
     "causal_linear_attention": "linear",
     "select_blocks_fused": "select",
+    "subtract_residual": "residual",
 }
 
 

@@ -226,7 +226,7 @@ class _FusedSparse(torch.autograd.Function):
                 num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
             )
         with _Stage("bwd index (items)"):
-            items = transposed_items(plan.tok_units, plan.units.count, cfg.window)
+            items = transposed_items(plan.tok_units, plan.units, plan.block_size, cfg.window)
             n_items = int(items.seg.numel())
         common.pop("DVS")
         bt = _tokens_per_group(cfg.dkv_rows, G)

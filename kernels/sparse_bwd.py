@@ -121,7 +121,8 @@ def sparse_bwd_dkv_kernel(
     h = bh % HKV
     kr = tl.arange(0, BSP)
     kpos = tl.load(u_start + unit) + kr
-    kvalid = (kr < BS) & (kpos < tl.load(u_end + unit))
+    # n_tok == 0: a spare item of the host-sized list; masking every key row makes it load and add nothing
+    kvalid = (kr < BS) & (kpos < tl.load(u_end + unit)) & (n_tok > 0)
     k_row = (b * N + kpos).to(tl.int64) * HKV + h
     v = _ld(V, k_row, kvalid, DV, BDV, DV, UPCAST)
     dv = tl.zeros([BSP, BDV], tl.float32)

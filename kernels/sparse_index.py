@@ -33,6 +33,7 @@ class Units:
 
     start: torch.Tensor
     end: torch.Tensor
+    n_seqs: int = 1  # packed sequences (cu_seqlens) the table spans
 
     @property
     def count(self) -> int:
@@ -82,7 +83,9 @@ def token_units(block_idx: torch.Tensor, n: int, block_size: int, query_block: i
     dup = torch.zeros_like(keep)
     dup[..., 1:] = srt[..., 1:] == srt[..., :-1]
     units = torch.where((srt != _BIG) & ~dup, srt + offset[None, None, :, None], -1)
-    return units.reshape(B * Hkv, n, topk).to(torch.int32), Units(start.to(torch.int32), end.to(torch.int32))
+    n_seqs = 1 if cu_seqlens is None else cu_seqlens.numel() - 1
+    return (units.reshape(B * Hkv, n, topk).to(torch.int32),
+            Units(start.to(torch.int32), end.to(torch.int32), n_seqs))
 
 
 @dataclass
@@ -131,7 +134,8 @@ def query_groups(tok_units: torch.Tensor, bq: int) -> Groups:
 @dataclass
 class Items:
     """Work items of the dK/dV kernel: item ``i`` covers tokens ``tokens[off[i] : off[i] + length[i]]``
-    (ascending) that selected unit ``seg[i] % nU`` of batch x KV head ``seg[i] // nU``. int32 tensors."""
+    (ascending) that selected unit ``seg[i] % nU`` of batch x KV head ``seg[i] // nU``. int32 tensors.
+    The list is sized by a host-side bound, not the real count: items past it have ``length`` 0."""
 
     tokens: torch.Tensor
     seg: torch.Tensor
@@ -139,16 +143,27 @@ class Items:
     length: torch.Tensor
 
 
-def transposed_items(tok_units: torch.Tensor, n_units: int, window: int | None) -> Items:
+def items_bound(bh: int, n: int, topk: int, units: Units, block_size: int, window: int) -> int:
+    """Upper bound on the number of (window, bh, unit) items, from shapes only (no device read): a
+    window can only reach the units that start before its end (at most ``end / block_size`` plus one per
+    extra packed sequence), and there are at most ``topk`` items per token."""
+    extra = units.n_seqs - 1
+    per_bh = sum(min(units.count, _cdiv(min(n, w + window), block_size) + extra) for w in range(0, n, window))
+    return max(1, min(bh * per_bh, bh * n * topk))
+
+
+def transposed_items(tok_units: torch.Tensor, units: Units, block_size: int, window: int | None) -> Items:
     """Invert the per-token unit lists: for each (query window, bh, unit) the tokens that selected it.
 
-    Items are ordered window-major, so programs running together gather the rows of one window.
-    One host sync (the number of items sizes the grid).
+    Items are ordered window-major, so programs running together gather the rows of one window. No host
+    sync: the list has :func:`items_bound` entries, the unused ones with length 0 (the kernel skips them),
+    so the CPU can queue the rest of the backward while the GPU works.
     """
     BH, n, topk = tok_units.shape
     dev = tok_units.device
     window = n if window is None else max(1, min(window, n))
     nw = _cdiv(n, window)
+    n_units = units.count
     u = tok_units.long()
     w = (torch.arange(n, device=dev) // window)[None, :, None]
     bh = torch.arange(BH, device=dev)[:, None, None]
@@ -157,11 +172,18 @@ def transposed_items(tok_units: torch.Tensor, n_units: int, window: int | None) 
     # Stable sort: the flat order is (bh, token, k), so tokens stay ascending inside each segment.
     skey, perm = torch.sort(key, stable=True)
     tokens = ((perm // topk) % n).to(torch.int32)
-    first = torch.ones_like(skey, dtype=torch.bool)
+    valid = skey < nw * nseg
+    first = torch.ones_like(valid)
     first[1:] = skey[1:] != skey[:-1]
-    first &= skey < nw * nseg
-    starts = torch.nonzero(first).flatten()  # host sync
-    total = int((skey < nw * nseg).sum())
-    lengths = torch.diff(starts, append=torch.tensor([total], device=dev))
-    seg = skey[starts] % nseg
+    first &= valid
+    bound = items_bound(BH, n, topk, units, block_size, window)
+    slot = torch.where(first, torch.cumsum(first, 0) - 1, bound)  # item index of each segment's first entry
+    starts = torch.zeros(bound + 1, dtype=torch.long, device=dev)
+    starts.scatter_(0, slot, torch.arange(skey.numel(), device=dev))
+    starts = starts[:bound]
+    count, total = first.sum(), valid.sum()
+    i = torch.arange(bound, device=dev)
+    ends = torch.where(i + 1 < count, torch.roll(starts, -1), total)
+    lengths = torch.where(i < count, ends - starts, 0)
+    seg = torch.where(i < count, skey[starts] % nseg, 0)
     return Items(tokens, seg.to(torch.int32), starts.to(torch.int32), lengths.to(torch.int32))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hydra_utils import ROOT, TINY, make_cfg
 from omegaconf import OmegaConf
 
 from spla_lit.training import flops
+from spla_lit.training.callbacks import graph_breaks
 from spla_lit.training.consolidate import consolidate, is_sharded_checkpoint
 from spla_lit.training.consolidate import main as consolidate_main
 from spla_lit.training.run import train
@@ -140,12 +142,19 @@ def test_compile_trains_like_eager_and_reports_graph_breaks(tmp_path):
     assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)
     _assert_same_weights(_weights(tmp_path / "dense" / "checkpoints" / "last.ckpt"),  # parameter names unchanged
                          _weights(tmp_path / "eager" / "checkpoints" / "last.ckpt"))
-    # the linear-attention reference path breaks (ops dispatch, data-dependent sizes): reported, not silent
+    # the SPLA reference path breaks (data-dependent sizes in the selection bookkeeping): reported, not silent
     with pytest.warns(UserWarning, match="graph breaks"):
-        metrics = train(make_cfg(["model=linear", *COMPILE], tmp_path / "linear"))
+        metrics = train(make_cfg([*COMPILE], tmp_path / "spla"))
     assert metrics["compile/graph_breaks"] > 0
-    with pytest.raises(Exception, match="(?i)unsupported|graph break|skipped"):
-        train(make_cfg(["model=linear", "trainer.compile_fullgraph=true", *COMPILE], tmp_path / "strict"))
+    with pytest.raises(Exception, match="(?i)unsupported|graph break|skipped|data-dependent"):
+        train(make_cfg(["trainer.compile_fullgraph=true", *COMPILE], tmp_path / "strict"))
+
+
+def test_linear_attention_reference_compiles_whole_with_inductor(tmp_path):
+    # Inductor, the default backend (aot_eager hits a PyTorch AOTAutograd view bug on this model's backward).
+    metrics = train(make_cfg(["model=linear", "trainer.compile_fullgraph=true", *COMPILE,
+                              "trainer.compile_backend=inductor"], tmp_path))
+    assert metrics["compile/graph_breaks"] == 0
 
 
 def test_flop_counts_follow_the_attention_variant():
@@ -174,3 +183,21 @@ def test_flop_counts_follow_the_attention_variant():
     weights = sum(m.weight.numel() for m in nets["dense"].modules() if isinstance(m, torch.nn.Linear))
     assert count["dense"].matmul == 6 * weights * n
     assert flops.peak_flops(torch.device("cpu")) is None
+
+
+def test_compile_runs_the_triton_ops_outside_the_graphs(tmp_path):
+    """The SPLA model on the Triton kernels (interpreted on the CPU) compiles: the kernels run eagerly between
+    the compiled graphs (not traced: Inductor would recompile them), the breaks are reported, and the
+    training matches the eager run."""
+    small = ["impl=triton", "data.seq_len=128", "data.batch_size=1", "trainer.limit_val_batches=0", "model.n_layers=1",
+             "trainer.max_steps=1", "trainer.val_check_interval=1"]
+    eager = train(make_cfg(small, tmp_path / "eager"))
+    before = graph_breaks()  # dynamo's counters are per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = train(make_cfg([*COMPILE, *small], tmp_path / "compiled"))
+    new = [reason for reason, count in graph_breaks().items() if count > before.get(reason, 0)]
+    assert compiled["compile/graph_breaks"] > 0  # counted ...
+    assert not [w for w in caught if "graph breaks" in str(w.message)]  # ... but expected: no warning
+    assert new and all("run_kernel" in reason for reason in new)
+    assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-4)

@@ -227,3 +227,42 @@ def test_spla_attention_triton_path_matches_reference(combine, normalize):
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-4, atol=2e-4)
     for g_t, g_r in zip(grads[1], grads[0]):
         torch.testing.assert_close(g_t, g_r, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("window,cu", [(None, None), (8, None), (5, [0, 7, 16, 30]), (64, [0, 13, 30])])
+def test_transposed_items_match_brute_force(window, cu):
+    """The dK/dV work list (sized on the host, no device read) holds exactly the (window, bh, unit) token
+    lists, in order, and the spare entries past them are empty."""
+    from spla_kernels.sparse_index import items_bound, token_units, transposed_items
+
+    B, Hkv, N, bs, topk = 2 if cu is None else 1, 2, 30, 4, 3
+    cu_t = None if cu is None else torch.tensor(cu)
+    idx = _random_idx(B, Hkv, N, bs, topk, 1, seed=3)
+    if cu is not None:  # per-sequence local block indices: keep the entries visible in each sequence
+        for s, e in zip(cu[:-1], cu[1:]):
+            for t in range(s, e):
+                for h in range(Hkv):
+                    local = [c for c in idx[0, h, t].tolist() if 0 <= c * bs <= t - s]
+                    idx[0, h, t] = torch.tensor((local + [-1] * topk)[:topk], dtype=torch.int32)
+    tok_units, units = token_units(idx, N, bs, 1, cu_t)
+    items = transposed_items(tok_units, units, bs, window)
+    w = N if window is None else window
+    expected = {}
+    for bh in range(tok_units.shape[0]):
+        for t in range(N):
+            for u in tok_units[bh, t].tolist():
+                if u >= 0:
+                    expected.setdefault((t // w, bh, u), []).append(t)
+    keys = sorted(expected, key=lambda k: ((k[0] * tok_units.shape[0] + k[1]) * units.count + k[2]))
+    assert items.seg.numel() == items_bound(tok_units.shape[0], N, topk, units, bs, w) >= len(keys)
+    got = []
+    for i in range(items.seg.numel()):
+        n = int(items.length[i])
+        if n:
+            seg = int(items.seg[i])
+            toks = items.tokens[int(items.off[i]): int(items.off[i]) + n].tolist()
+            got.append(((toks[0] // w, seg // units.count, seg % units.count), toks))
+        else:
+            assert i >= len(keys), "an empty item before the end of the list"
+    assert [k for k, _ in got] == keys
+    assert all(toks == expected[k] for k, toks in got)

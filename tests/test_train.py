@@ -72,6 +72,52 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_nan_loss_of_one_micro_batch_stops_an_accumulated_step(tmp_path, monkeypatch):
+    real_loss = LMModule._loss
+    calls = []
+
+    def poisoned(self, logits, labels):
+        loss = real_loss(self, logits, labels)
+        if self.training:
+            calls.append(self.global_step)
+            if self.global_step == 2 and calls.count(2) == 1:  # the first of step 2's two micro-batches
+                return loss * float("inf")
+        return loss
+
+    monkeypatch.setattr(LMModule, "_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="training loss is inf at step 2"):
+        train(make_cfg(["trainer.max_steps=4", "trainer.accumulate_grad_batches=2"], tmp_path))
+    assert calls.count(2) == 2  # stopped after the step's last micro-batch, before its optimizer step
+
+
+def test_inf_gradient_stops_with_the_step(tmp_path, monkeypatch):
+    def poison_grad(self):
+        if self.global_step == 1:
+            next(p for p in self.net.parameters() if p.grad is not None).grad[0] = float("inf")
+
+    monkeypatch.setattr(LMModule, "on_after_backward", poison_grad, raising=False)
+    with pytest.raises(NonFiniteLossError, match="gradient norm is inf at step 1"):
+        train(make_cfg(["trainer.max_steps=3"], tmp_path))
+
+
+def test_clipping_by_the_shared_norm_matches_lightnings_clipping(tmp_path, monkeypatch):
+    """Clipping reuses the norm of the finiteness check: the same update as Lightning's own clipping."""
+    cli = ["trainer.max_steps=3", "trainer.gradient_clip_val=0.05", "trainer.val_check_interval=3"]
+    train(make_cfg(cli, tmp_path / "ours"))
+    monkeypatch.setattr(LMModule, "configure_gradient_clipping",
+                        LMModule.__mro__[1].configure_gradient_clipping)
+    train(make_cfg(cli, tmp_path / "lightning"))
+    a = _weights(tmp_path / "ours" / "checkpoints" / "last.ckpt")
+    b = _weights(tmp_path / "lightning" / "checkpoints" / "last.ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    unclipped = tmp_path / "unclipped"
+    train(make_cfg(["trainer.max_steps=3", "trainer.gradient_clip_val=null", "trainer.val_check_interval=3"],
+                   unclipped))
+    c = _weights(unclipped / "checkpoints" / "last.ckpt")
+    assert any(not torch.allclose(a[k], c[k]) for k in a)  # the clipping was active
+
+
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
     path = tmp_path / "ckpt.pt"
     atomic_torch_save({"step": 1}, path)

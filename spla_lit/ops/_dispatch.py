@@ -32,6 +32,13 @@ def kernel(name: str):
     return getattr(mod, name, None) if mod is not None else None
 
 
+@torch._dynamo.assume_constant_result
+def available(op: str) -> bool:
+    """Whether ``spla_kernels.<op>`` can be imported (fixed for the process: ``torch.compile`` takes it as
+    a constant instead of tracing the import, which would break the graph)."""
+    return kernel(op) is not None
+
+
 def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
     check_choice("impl", impl, IMPLS)
     if impl == "auto":
@@ -39,22 +46,33 @@ def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
         check_choice("SPLA_IMPL", impl, IMPLS)
     if impl == "reference":
         return False
-    available = kernel(op) is not None
+    has_kernel = available(op)
     if impl == "triton":
-        if not available:
+        if not has_kernel:
             raise RuntimeError(f"impl='triton' was requested but no Triton kernel for {op} is available")
         if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"impl='triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         return True
-    return available and all(t.is_cuda for t in tensors)
+    return has_kernel and all(t.is_cuda for t in tensors)
 
 
+@torch.compiler.disable
 def run_kernel(impl: str, op: str, *args, **kwargs):
-    """Call ``spla_kernels.<op>``; None when the kernel declines these arguments (``NotImplementedError``,
-    e.g. ``query_block > 1`` or a feature dim it has no tile for) and ``impl`` is not a forced ``"triton"``,
-    so the caller falls back to its reference."""
+    """Call ``spla_kernels.<op>``; None when the kernel is unavailable or declines these arguments
+    (``NotImplementedError``, e.g. ``query_block > 1`` or a feature dim it has no tile for) and ``impl`` is
+    not a forced ``"triton"``, so the caller falls back to its reference.
+
+    Under ``torch.compile`` the call runs as it is, between compiled graphs (one reported graph break):
+    traced, Inductor would recompile the kernels with its own argument typing, and their index building
+    has data-dependent shapes.
+    """
+    fn = kernel(op)
+    if fn is None:
+        if impl == "triton":
+            raise RuntimeError(f"impl='triton' was requested but spla_kernels.{op} is unavailable")
+        return None
     try:
-        return kernel(op)(*args, **kwargs)
+        return fn(*args, **kwargs)
     except NotImplementedError:
         if impl == "triton":
             raise

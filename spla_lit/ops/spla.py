@@ -45,22 +45,11 @@ def combine_joint(o_sparse: torch.Tensor, lse: torch.Tensor, num_den: torch.Tens
 
 
 def _kernel_residual(impl, phi_q, phi_k, v, sel, nonempty, normalize, return_normalizer, cu_seqlens):
-    """``spla_kernels.residual.subtract_residual`` (global linear attention with its normalizer column,
-    minus ``sel``, and the residual epilogue, fused), or None when it is unavailable or declines the shapes
+    """``spla_kernels.subtract_residual`` (global linear attention with its normalizer column, minus
+    ``sel``, and the residual epilogue, fused), or None when it is unavailable or declines the shapes
     (NotImplementedError) and ``impl`` is not a forced ``"triton"``."""
-    try:
-        from spla_kernels.residual import subtract_residual
-    except ImportError:
-        if impl == "triton":
-            raise
-        return None
-    try:
-        return subtract_residual(phi_q, phi_k, v, sel, nonempty, normalize=normalize,
-                                 return_normalizer=return_normalizer, eps=1e-6, cu_seqlens=cu_seqlens)
-    except NotImplementedError:
-        if impl == "triton":
-            raise
-        return None
+    return run_kernel(impl, "subtract_residual", phi_q, phi_k, v, sel, nonempty, normalize=normalize,
+                      return_normalizer=return_normalizer, eps=1e-6, cu_seqlens=cu_seqlens)
 
 
 def sparse_attention_with_residual(

@@ -52,6 +52,7 @@ class LMModule(L.LightningModule):
         self.val_answer_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE)
         self.val_exact = MeanMetric()
         self.val_task_acc = nn.ModuleList(MeanMetric() for _ in self.task_names)
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked once
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(input_ids, cu_seqlens)
@@ -59,19 +60,12 @@ class LMModule(L.LightningModule):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
-    def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        bad = not bool(torch.isfinite(value).all())
-        if self.trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            raise NonFiniteLossError(
-                f"{what} is {value.item() if value.numel() == 1 else 'non-finite'} at step {self.global_step}: "
-                "stopping before the optimizer step, so the weights and the last checkpoint stay finite")
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"])
         loss = self._loss(logits, batch["labels"])
-        self._check_finite(loss.detach(), "training loss")
+        # Checked with the gradient norm before the optimizer step, not here: reading it now would make the
+        # CPU wait for the forward, and the GPU idle while the backward is queued.
+        self._step_losses.append(loss.detach())
         self.train_loss(loss.detach())
         # sync_dist: the mean over data-parallel ranks, i.e. the loss of the global batch (equal tokens per rank)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
@@ -81,10 +75,35 @@ class LMModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Checked before clipping and the update: a NaN/inf gradient never reaches the weights.
+        # A NaN/inf loss (of any micro-batch) or gradient never reaches the weights: one host read per step
+        # for both (one all-reduce when distributed), before the clipping and the update.
         norm = grad_norm(self.net)
-        self._check_finite(norm, "gradient norm")
+        losses, self._step_losses = self._step_losses, []
+        loss = torch.stack(losses).to(norm.device) if losses else norm.new_zeros(1)
+        bad = torch.stack([(~torch.isfinite(loss)).any(), ~torch.isfinite(norm)]).float()
+        if self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        bad_loss, bad_norm = bad.tolist()
+        if bad_loss or bad_norm:
+            if bad_loss:
+                local = loss[~torch.isfinite(loss)]
+                what = f"training loss is {local[0].item() if local.numel() else 'non-finite on another rank'}"
+            else:
+                what = f"gradient norm is {norm.item()}"
+            raise NonFiniteLossError(f"{what} at step {self.global_step}: stopping before the optimizer step, "
+                                     "so the weights and the last checkpoint stay finite")
+        self._grad_norm = norm
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Clip by the norm on_before_optimizer_step computed (Lightning's default computes it again, and for
+        # sharded gradients all-reduces it once more).
+        norm, self._grad_norm = getattr(self, "_grad_norm", None), None
+        if not gradient_clip_val or gradient_clip_algorithm not in (None, "norm") or norm is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), norm)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"])
@@ -140,17 +159,20 @@ class LMModule(L.LightningModule):
 
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
-    """Global L2 norm of the gradients (float32 scalar). Sharded (DTensor, FSDP2) gradients contribute
-    their local shards, summed over ranks in one all-reduce."""
+    """Global L2 norm of the gradients (float32 scalar, no host sync). Sharded (DTensor, FSDP2) gradients
+    contribute their local shards, summed over ranks in one all-reduce."""
     local, sharded = [], []
     for p in module.parameters():
         if p.grad is not None:
             g = p.grad
-            (sharded if hasattr(g, "to_local") else local).append(
-                (g.to_local() if hasattr(g, "to_local") else g).float().square().sum())
-    total = torch.stack(local).sum() if local else torch.zeros(())
+            (sharded if hasattr(g, "to_local") else local).append(g.to_local() if hasattr(g, "to_local") else g)
+
+    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:  # fused per-dtype norm kernels
+        return torch.nn.utils.get_total_norm(tensors, 2.0).float().square()
+
+    total = squares(local) if local else torch.zeros(())
     if sharded:
-        part = torch.stack(sharded).sum()
+        part = squares(sharded)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(part)
         total = total.to(part.device) + part
