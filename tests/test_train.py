@@ -90,6 +90,23 @@ def test_nan_loss_of_one_micro_batch_stops_an_accumulated_step(tmp_path, monkeyp
     assert calls.count(2) == 2  # stopped after the step's last micro-batch, before its optimizer step
 
 
+def test_train_loss_is_the_mean_of_the_accumulated_micro_batches(tmp_path, monkeypatch):
+    real_loss = LMModule._loss
+    seen: dict[int, list[float]] = {}
+
+    def recording(self, logits, labels):
+        loss = real_loss(self, logits, labels)
+        if self.training:
+            seen.setdefault(self.global_step, []).append(float(loss))
+        return loss
+
+    monkeypatch.setattr(LMModule, "_loss", recording)
+    metrics = train(make_cfg(["trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
+                              "trainer.val_check_interval=3"], tmp_path))
+    assert [len(v) for v in seen.values()] == [2, 2, 2]
+    assert metrics["train/loss"] == pytest.approx(sum(seen[2]) / 2, rel=1e-6)
+
+
 def test_inf_gradient_stops_with_the_step(tmp_path, monkeypatch):
     def poison_grad(self):
         if self.global_step == 1:

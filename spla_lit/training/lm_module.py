@@ -65,10 +65,8 @@ class LMModule(L.LightningModule):
         loss = self._loss(logits, batch["labels"])
         # Checked with the gradient norm before the optimizer step, not here: reading it now would make the
         # CPU wait for the forward, and the GPU idle while the backward is queued.
-        self._step_losses.append(loss.detach())
+        self._step_losses.append(loss.detach())  # logged per optimizer step (the mean of its micro-batches)
         self.train_loss(loss.detach())
-        # sync_dist: the mean over data-parallel ranks, i.e. the loss of the global batch (equal tokens per rank)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         stats = getattr(self.net, "attention_stats", dict)()
         for key, value in stats.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)
@@ -93,6 +91,9 @@ class LMModule(L.LightningModule):
             raise NonFiniteLossError(f"{what} at step {self.global_step}: stopping before the optimizer step, "
                                      "so the weights and the last checkpoint stay finite")
         self._grad_norm = norm
+        # The step's loss: the mean over its micro-batches and (sync_dist) over data-parallel ranks, i.e. the
+        # loss of the global batch (equal tokens per micro-batch and rank).
+        self.log("train/loss", loss.mean(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
