@@ -53,6 +53,7 @@ class LMModule(L.LightningModule):
         self.val_exact = MeanMetric()
         self.val_task_acc = nn.ModuleList(MeanMetric() for _ in self.task_names)
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, checked once
+        self._grad_norm: torch.Tensor | None = None  # from on_before_optimizer_step, for the clipping
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(input_ids, cu_seqlens)
@@ -79,9 +80,7 @@ class LMModule(L.LightningModule):
         losses, self._step_losses = self._step_losses, []
         loss = torch.stack(losses).to(norm.device) if losses else norm.new_zeros(1)
         bad = torch.stack([(~torch.isfinite(loss)).any(), ~torch.isfinite(norm)]).float()
-        if self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        bad_loss, bad_norm = bad.tolist()
+        bad_loss, bad_norm = self.trainer.strategy.reduce(bad, reduce_op="max").tolist()
         if bad_loss or bad_norm:
             if bad_loss:
                 local = loss[~torch.isfinite(loss)]
@@ -100,7 +99,7 @@ class LMModule(L.LightningModule):
                                     gradient_clip_algorithm: str | None = None) -> None:
         # Clip by the norm on_before_optimizer_step computed (Lightning's default computes it again, and for
         # sharded gradients all-reduces it once more).
-        norm, self._grad_norm = getattr(self, "_grad_norm", None), None
+        norm, self._grad_norm = self._grad_norm, None
         if not gradient_clip_val or gradient_clip_algorithm not in (None, "norm") or norm is None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
