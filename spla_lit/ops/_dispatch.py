@@ -39,6 +39,10 @@ def available(op: str) -> bool:
     return kernel(op) is not None
 
 
+def _missing(op: str) -> RuntimeError:
+    return RuntimeError(f"impl='triton' was requested but no Triton kernel for {op} is available")
+
+
 def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
     check_choice("impl", impl, IMPLS)
     if impl == "auto":
@@ -49,7 +53,7 @@ def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
     has_kernel = available(op)
     if impl == "triton":
         if not has_kernel:
-            raise RuntimeError(f"impl='triton' was requested but no Triton kernel for {op} is available")
+            raise _missing(op)
         if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"impl='triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
         return True
@@ -69,7 +73,7 @@ def run_kernel(impl: str, op: str, *args, **kwargs):
     fn = kernel(op)
     if fn is None:
         if impl == "triton":
-            raise RuntimeError(f"impl='triton' was requested but spla_kernels.{op} is unavailable")
+            raise _missing(op)
         return None
     try:
         return fn(*args, **kwargs)
