@@ -88,6 +88,11 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(sweep, refere
         assert sorted(loss) == sorted(ref_loss) == [0, 1, 2, 3]
         for step in ref_loss:
             assert loss[step] == pytest.approx(ref_loss[step], rel=1e-5), (job, step)
+        # the clipping norm: FSDP's sharded gradients reduced over their mesh, DDP's all-reduced ones local
+        norm, ref_norm = _scalars(sweep / job, "train/grad_norm"), _scalars(reference, "train/grad_norm")
+        assert sorted(norm) == sorted(ref_norm) == [0, 1, 2, 3]
+        for step in ref_norm:
+            assert norm[step] == pytest.approx(ref_norm[step], rel=1e-5), (job, step)
         _assert_same_weights(_weights(sweep / job / "checkpoints" / "last.ckpt"), ref_weights)
         assert _scalars(sweep / job, "train/tokens_per_s")
     # DDP writes one file (atomic plugin), FSDP a folder with one shard per rank

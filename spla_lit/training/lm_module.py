@@ -160,20 +160,15 @@ class LMModule(L.LightningModule):
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
     """Global L2 norm of the gradients (float32 scalar, no host sync). Sharded (DTensor, FSDP2) gradients
-    contribute their local shards, summed over ranks in one all-reduce."""
-    local, sharded = [], []
-    for p in module.parameters():
-        if p.grad is not None:
-            g = p.grad
-            (sharded if hasattr(g, "to_local") else local).append(g.to_local() if hasattr(g, "to_local") else g)
+    are reduced over their own device mesh (``full_tensor``), so a shard replicated across nodes (hybrid
+    sharding) counts once; plain gradients are local."""
+    from torch.distributed.tensor import DTensor
 
-    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:  # fused per-dtype norm kernels
-        return torch.nn.utils.get_total_norm(tensors, 2.0).float().square()
-
-    total = squares(local) if local else torch.zeros(())
-    if sharded:
-        part = squares(sharded)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(part)
-        total = total.to(part.device) + part
-    return total.sqrt()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    squares = torch.zeros(())
+    for group in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
+        if group:
+            norm = torch.nn.utils.get_total_norm(group, 2.0)  # fused per-dtype kernels
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            squares = squares.to(norm.device) + norm.float().square()
+    return squares.sqrt()
