@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from reference import (
     all_blocks_idx,
     assert_close,
     cdiv,

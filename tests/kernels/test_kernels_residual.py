@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from conftest import random_block_idx  # noqa: E402
 from poison import PoisonTorch  # noqa: E402
+from reference import random_block_idx  # noqa: E402
 
 from spla_lit import ops  # noqa: E402
 from spla_lit.ops.linear_attention import _append_ones, _finish_residual, has_unselected_keys  # noqa: E402

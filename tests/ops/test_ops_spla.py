@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from reference import (
     all_blocks_idx,
     assert_close,
     causal_mask,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cdiv, rand_qkv
+from reference import cdiv, rand_qkv
 
 from spla_lit.ops import block_scores, min_topk, score_and_select, select_blocks
 

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import rand_qkv, random_block_idx
+from reference import rand_qkv, random_block_idx
 from torch.overrides import TorchFunctionMode
 
 from spla_lit.ops import (

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import cdiv, rand_qkv, repeat_kv
+from reference import cdiv, rand_qkv, repeat_kv
 
 from spla_lit.ops import block_key_stats, block_scores, exact_block_log_mass, score_and_select
 
