@@ -1,4 +1,4 @@
-"""Triton kernels for SPLA (import name ``spla_kernels``; the folder is ``kernels/``).
+"""Triton kernels for SPLA (the package ``spla_kernels``, in the top-level folder ``kernels/``).
 
 Entry points keep the signatures of their PyTorch references in ``spla_lit.ops``, which dispatches to them
 on CUDA. Each is imported lazily so that a missing module or a missing Triton leaves the reference path
