@@ -12,11 +12,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .ops._checks import COVARIANCES, HEAD_REDUCTIONS, SCORERS
-from .ops._dispatch import IMPLS
-from .ops.feature_maps import FEATURE_MAPS, POSITIVE_FEATURE_MAPS
-from .ops.selection import min_topk
-from .ops.spla import COMBINES
+from .options import (
+    COMBINES,
+    COVARIANCES,
+    FEATURE_MAPS,
+    HEAD_REDUCTIONS,
+    IMPLS,
+    POSITIVE_FEATURE_MAPS,
+    SCORERS,
+    min_topk,
+)
 
 
 class ConfigError(ValueError):

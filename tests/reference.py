@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from spla_lit.ops.utils import cdiv
+
 
 def rand_qkv(B: int, N: int, Hq: int, Hkv: int, D: int, dtype: torch.dtype = torch.float32, seed: int = 0,
              Dv: int | None = None, requires_grad: bool = False):
@@ -24,9 +26,6 @@ def rand_qkv(B: int, N: int, Hq: int, Hkv: int, D: int, dtype: torch.dtype = tor
         out = tuple(x.requires_grad_() for x in out)
     return out
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

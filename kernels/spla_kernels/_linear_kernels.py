@@ -285,6 +285,3 @@ def chunk_dkdv_kernel(
     if VEXT == 1:
         tl.store(DVE + kt * sdve_t + h * sdve_h, dve, mask=key_ok)
 
-
-def next_pow2(x: int) -> int:
-    return triton.next_power_of_2(max(1, int(x)))

@@ -125,6 +125,3 @@ def select_kernel(
     tok_ok = toks < t1
     tl.store(OUT + h * so_h + toks.to(tl.int64)[:, None] * so_t + rank, idx, mask=tok_ok[:, None] & (rank < topk))
 
-
-def next_pow2(x: int) -> int:
-    return triton.next_power_of_2(max(1, int(x)))

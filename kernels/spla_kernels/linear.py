@@ -29,10 +29,11 @@ import functools
 
 import torch
 
+from spla_lit.ops.utils import cdiv, next_pow2, sequence_segments
+
 from ._linear_kernels import (
     chunk_dkdv_kernel,
     chunk_out_kernel,
-    next_pow2,
     states_fixup_kernel,
     states_local_kernel,
     states_scan_kernel,
@@ -46,16 +47,6 @@ SUPER_TARGET = 256  # aim for at least this many (super-chunk, head) programs in
 SCAN_U, SCAN_BLOCK = 16, 256  # super-chunks per scan step, state elements per scan program
 BWD_SPLIT = True  # bf16 hi/lo splits in the backward products too (gradients ~1.2x more accurate)
 MAX_DIM = 256  # largest feature / value dim handled (F <= 128 expected; Dv up to 128 + a normalizer column)
-
-
-def _segments(batch: int, n: int, cu_seqlens: torch.Tensor | None) -> tuple[tuple[int, int], ...]:
-    """Sequence boundaries in the packed token axis [B * N]."""
-    if cu_seqlens is None:
-        return tuple((b * n, (b + 1) * n) for b in range(batch))
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if batch != 1 or cu[0] != 0 or cu[-1] != n or any(e <= s for s, e in zip(cu[:-1], cu[1:])):
-        raise ValueError(f"cu_seqlens must be [0, ..., N={n}] strictly increasing with B == 1, got {cu}")
-    return tuple(zip(cu[:-1], cu[1:]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,9 +150,6 @@ def _states(x: torch.Tensor, y: torch.Tensor, meta: dict, heads: int, rows_per_t
     Se = loc.as_strided((nC, heads, DX), (heads * SZ, SZ, 1), loc.storage_offset() + DX * DY) if yext else None
     return S, Se
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 COMPILED: dict = {}  # kernel name -> last compiled kernel (for register / spill reports), when RECORD is set
@@ -299,7 +287,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G = Hq // Hkv
         q, k, vv = _flat(phi_q), _flat(phi_k), _flat(v)
-        meta = _chunk_meta(_segments(B, N, cu_seqlens), Hkv, q.device)
+        meta = _chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device)
         out = torch.empty(B * N, Hq, Dv, device=q.device, dtype=torch.float32)
         m = _extra_split(Dv)
         if m:  # main tile (copied once: aligned loads) + one float32 extra column, written in place

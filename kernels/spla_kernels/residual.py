@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spla_lit.ops.utils import sequence_segments
+
 from . import linear as L
 from .sparse import _Stage
 
@@ -69,7 +71,7 @@ class _SubtractResidual(torch.autograd.Function):
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G, T = Hq // Hkv, B * N
         q, k, vv, self_ = L._flat(phi_q), L._flat(phi_k), L._flat(v), L._flat(sel)
-        meta = L._chunk_meta(L._segments(B, N, cu_seqlens), Hkv, q.device)
+        meta = L._chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device)
         ext = mode != "sub"
         dev = q.device
         out = torch.empty(T, Hq, Dv + (mode == "pair"), device=dev, dtype=torch.float32)

@@ -14,7 +14,9 @@ import functools
 
 import torch
 
-from ._select_kernels import next_pow2, select_kernel
+from spla_lit.ops.utils import next_pow2, sequence_segments
+
+from ._select_kernels import select_kernel
 from ._utils import interpreting
 
 BLOCKS_PER_STEP = 32  # key blocks scored per loop step (raised to the padded topk when that is larger)
@@ -26,17 +28,6 @@ QUAD_SPLIT = True  # bf16 hi/lo products for the covariance term too (3 products
 WARPS, STAGES = 8, 3
 TOPK = True  # profiling switch: False skips the top-k merge (wrong output), to time the scoring alone
 _REDUCE = {"lse": 0, "max": 1, "mean": 2}
-
-
-def _segments(batch: int, n: int, cu_seqlens: torch.Tensor | None) -> tuple[tuple[int, int], ...]:
-    if cu_seqlens is None:
-        return tuple((b * n, (b + 1) * n) for b in range(batch))
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with B == 1, got B = {batch}")
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if cu[0] != 0 or cu[-1] != n or any(e <= s for s, e in zip(cu[:-1], cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, end at N = {n} and strictly increase, got {cu}")
-    return tuple(zip(cu[:-1], cu[1:]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -139,7 +130,7 @@ def select_blocks_fused(
 
     GP = next_pow2(G)
     BT = max(1, ROWS // GP)
-    segments = _segments(B, N, cu_seqlens)
+    segments = sequence_segments(cu_seqlens, batch=B, n=N)
     tab = _tables(segments, block_size, BT, q.device)
     need = _need_forced(tab["max_nk"], local_blocks, sink_blocks)
     if need > topk:

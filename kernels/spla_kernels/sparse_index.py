@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from spla_lit.ops.utils import cdiv
+
 _BIG = 2**31 - 1
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass
@@ -55,14 +54,14 @@ def token_units(block_idx: torch.Tensor, n: int, block_size: int, query_block: i
     t = torch.arange(n, device=dev)
     if cu_seqlens is None:
         local_t = t
-        nk = _cdiv(n, block_size)
+        nk = cdiv(n, block_size)
         start = torch.arange(nk, device=dev) * block_size
         end = torch.clamp(start + block_size, max=n)
         offset = torch.zeros(n, dtype=torch.long, device=dev)
     else:
         cu = [int(x) for x in cu_seqlens.tolist()]
         lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        nblk = [_cdiv(x, block_size) for x in lens]
+        nblk = [cdiv(x, block_size) for x in lens]
         boff = [0]
         for c in nblk:
             boff.append(boff[-1] + c)
@@ -114,7 +113,7 @@ def query_groups(tok_units: torch.Tensor, bq: int) -> Groups:
     if not 1 <= bq <= 30:
         raise ValueError(f"tokens per query group must be in [1, 30], got {bq}")
     BH, n, topk = tok_units.shape
-    ng = _cdiv(n, bq)
+    ng = cdiv(n, bq)
     x = torch.nn.functional.pad(tok_units, (0, 0, 0, ng * bq - n), value=-1).view(BH, ng, bq * topk)
     if bq == 1:
         valid = x >= 0  # already sorted, unique, padding last
@@ -148,7 +147,7 @@ def items_bound(bh: int, n: int, topk: int, units: Units, block_size: int, windo
     window can only reach the units that start before its end (at most ``end / block_size`` plus one per
     extra packed sequence), and there are at most ``topk`` items per token."""
     extra = units.n_seqs - 1
-    per_bh = sum(min(units.count, _cdiv(min(n, w + window), block_size) + extra) for w in range(0, n, window))
+    per_bh = sum(min(units.count, cdiv(min(n, w + window), block_size) + extra) for w in range(0, n, window))
     return max(1, min(bh * per_bh, bh * n * topk))
 
 
@@ -162,7 +161,7 @@ def transposed_items(tok_units: torch.Tensor, units: Units, block_size: int, win
     BH, n, topk = tok_units.shape
     dev = tok_units.device
     window = n if window is None else max(1, min(window, n))
-    nw = _cdiv(n, window)
+    nw = cdiv(n, window)
     n_units = units.count
     u = tok_units.long()
     w = (torch.arange(n, device=dev) // window)[None, :, None]

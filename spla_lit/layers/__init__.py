@@ -3,7 +3,7 @@
 from .attention import DenseAttention, LinearAttention, SPLAAttention
 from .norm import RMSNorm
 from .rla import ResidualLinearAttention
-from .rope import RotaryEmbedding, apply_rotary, positions_from_cu_seqlens
+from .rope import RotaryEmbedding, apply_rotary
 from .scorers import BlockScorer
 from .sparse import BlockSparseAttention
 
@@ -17,5 +17,4 @@ __all__ = [
     "RotaryEmbedding",
     "SPLAAttention",
     "apply_rotary",
-    "positions_from_cu_seqlens",
 ]

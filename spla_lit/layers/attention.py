@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._checks import check_positive_int
+from ..ops.utils import sequence_ids
+from ..options import check_positive_int
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -108,7 +109,7 @@ class DenseAttention(_Projections):
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         else:
             n = x.shape[1]
-            seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(n, device=x.device), right=True)
+            seq = sequence_ids(cu_seqlens, n)
             mask = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
         return self.out(o.transpose(1, 2))

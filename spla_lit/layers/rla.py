@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._checks import check_choice
 from ..ops.feature_maps import FEATURE_MAPS, POSITIVE_FEATURE_MAPS
-from ..ops.spla import COMBINES
+from ..options import COMBINES, check_choice
 from .norm import RMSNorm
 
 RLA_MODES = ("subtract", "explicit")

@@ -6,14 +6,6 @@ import torch
 from torch import nn
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """Position of each packed token inside its own sequence, [N] int64."""
-    idx = torch.arange(n, device=cu_seqlens.device)
-    starts = cu_seqlens[:-1].long()
-    seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
-    return idx - starts[seq]
-
-
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin tables on the fly (no max length) and applies them to queries and keys."""
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._checks import COVARIANCES, HEAD_REDUCTIONS, SCORERS, check_choice, check_positive_int
+from ..options import COVARIANCES, HEAD_REDUCTIONS, SCORERS, check_choice, check_positive_int
 
 
 class BlockScorer(nn.Module):

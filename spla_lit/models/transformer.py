@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.norm import RMSNorm
-from ..layers.rope import RotaryEmbedding, positions_from_cu_seqlens
-from ..ops._checks import check_positive_int
+from ..layers.rope import RotaryEmbedding
+from ..ops.utils import positions_in_sequence
+from ..options import check_positive_int
 
 
 class SwiGLU(nn.Module):
@@ -91,7 +92,7 @@ class DecoderLM(nn.Module):
             raise ValueError(f"input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
         n = input_ids.shape[1]
         positions = (torch.arange(n, device=input_ids.device) if cu_seqlens is None
-                     else positions_from_cu_seqlens(cu_seqlens, n))
+                     else positions_in_sequence(cu_seqlens, n))
         rope = self.rope.cos_sin(positions)
         x = self.embed(input_ids)
         for layer in self.layers:

@@ -8,22 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..options import check_choice, check_positive_int  # noqa: F401  (re-exported for the ops)
+from .utils import sequence_segments
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-SCORERS = ("taylor2", "taylor1", "random", "oracle")
-COVARIANCES = ("diag", "full", "lowrank")
-HEAD_REDUCTIONS = ("lse", "max", "mean")
-
-
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-    return value  # type: ignore[return-value]
 
 
 def check_bshd(name: str, x: object) -> torch.Tensor:
@@ -103,25 +91,9 @@ def check_query_block(query_block: int, block_size: int) -> None:
         )
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def check_cu_seqlens(cu_seqlens: object, *, batch: int, n: int, query_block: int = 1) -> list[tuple[int, int]]:
-    """Validate packed-sequence boundaries (flash-attn convention) and return them as ``(start, end)`` pairs.
-
-    ``cu_seqlens`` is int32/int64 ``[S + 1]`` with ``cu[0] == 0``, ``cu[S] == N``, strictly increasing; packed
-    batches have ``B == 1``; selection is per token (``query_block == 1``).
-    """
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+    """Validate packed-sequence boundaries and return them as ``(start, end)`` pairs (see
+    :func:`~spla_lit.ops.utils.sequence_segments`)."""
+    if cu_seqlens is None:
         raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of cumulative sequence lengths")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with B == 1, got B = {batch}")
-    if query_block != 1:
-        raise ValueError(f"cu_seqlens needs query_block == 1, got {query_block}")
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if cu[0] != 0 or cu[-1] != n or any(b <= a for a, b in zip(cu[:-1], cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, end at N = {n} and strictly increase, got {cu}")
-    return list(zip(cu[:-1], cu[1:]))
+    return list(sequence_segments(cu_seqlens, batch=batch, n=n, query_block=query_block))

@@ -13,9 +13,7 @@ from functools import cache
 
 import torch
 
-from ._checks import check_choice
-
-IMPLS = ("auto", "reference", "triton")
+from ..options import IMPLS, check_choice
 
 
 @cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv
+from .utils import cdiv
 
 
 def num_blocks(n: int, block_size: int) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice
+from ..options import POSITIVE_FEATURE_MAPS, check_choice  # noqa: F401  (re-exported)
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,6 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": identity,
     "taylor": taylor,
 }
-POSITIVE_FEATURE_MAPS = ("elu1", "relu", "softmax", "taylor")
 
 
 def feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

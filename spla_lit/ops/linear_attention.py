@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ._checks import (
-    cdiv,
     check_block_idx,
     check_cu_seqlens,
     check_positive_int,
@@ -26,6 +25,7 @@ from ._checks import (
 from ._dispatch import run_kernel, use_triton
 from .blocks import selected_causal_counts, selected_key_mask, union_tiles
 from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
+from .utils import cdiv
 
 
 def _append_ones(v: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..options import COVARIANCES, HEAD_REDUCTIONS, SCORERS
 from ._checks import (
-    COVARIANCES,
-    HEAD_REDUCTIONS,
-    SCORERS,
-    cdiv,
     check_choice,
     check_cu_seqlens,
     check_positive_int,
@@ -26,6 +23,7 @@ from ._checks import (
     check_query_block,
 )
 from .blocks import visible_blocks
+from .utils import cdiv
 
 
 def _heads_first(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

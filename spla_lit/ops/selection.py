@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv, check_cu_seqlens, check_positive_int, check_qk, check_query_block
+from ._checks import check_cu_seqlens, check_positive_int, check_qk, check_query_block
 from ._dispatch import run_kernel, use_triton
 from .blocks import forced_blocks, visible_blocks
 from .scoring import block_scores
+from .utils import cdiv
 
 
 def min_topk(*, block_size: int, query_block: int = 1, local_blocks: int = 1, sink_blocks: int = 0) -> int:

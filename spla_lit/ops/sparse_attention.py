@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import cdiv, check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
+from ._checks import check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
 from ._dispatch import run_kernel, use_triton
 from .blocks import selected_key_mask
+from .utils import cdiv
 
 
 def _group_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice, check_qk, check_values
+from ..options import COMBINES, RLA_MODES, check_choice
+from ._checks import check_qk, check_values
 from ._dispatch import run_kernel, use_triton
 from .feature_maps import feature_map as get_feature_map
 from .linear_attention import (
@@ -17,9 +18,6 @@ from .linear_attention import (
 )
 from .selection import score_and_select
 from .sparse_attention import acc_dtype, block_sparse_attention
-
-RLA_MODES = ("subtract", "explicit", "none")
-COMBINES = ("add", "joint")
 
 
 def combine_add(o_sparse: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | float) -> torch.Tensor:

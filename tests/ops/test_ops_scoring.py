@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from reference import cdiv, rand_qkv, repeat_kv
+from reference import rand_qkv, repeat_kv
 
 from spla_lit.ops import block_key_stats, block_scores, exact_block_log_mass, score_and_select
+from spla_lit.ops.utils import cdiv
 
 SCORERS = ["taylor2", "taylor1", "random", "oracle"]
 
