@@ -8,7 +8,7 @@ data order of a run is reproducible (and resumable from an index).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -135,20 +135,132 @@ class OffsetSequentialSampler(Sampler[int]):
         return iter(range(first, first + len(self) * self.num_replicas, self.num_replicas))
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class IndexedDataModule(L.LightningDataModule):
+    """Loader machinery shared by the data modules: map-style datasets read by index, in order.
+
+    Subclasses define ``train_dataset`` and ``val_dataset`` (each with ``task_names``, see ``LMModule``) and may
+    set ``collate_fn``. Training reads indices ``start_index, start_index + 1, ...`` (a dataset that wants
+    a shuffled order maps its index to a shuffled item itself, deterministically), sharded over the
+    data-parallel ranks by :class:`OffsetSequentialSampler`; validation reads all indices in order.
+
+    Exact resume: the data position is ``samples_per_step = batch_size * accumulate_grad_batches * world``
+    indices per optimizer step. :meth:`state_dict` (stored in every Lightning checkpoint) records the
+    position reached, so a resumed run continues at the exact next sample even with another world size;
+    without a stored position it is ``global_step * samples_per_step``. ``data_identity()`` names what the
+    position means (e.g. the window length); a checkpoint of other data is refused on load.
+
+    Multi-GPU: build the Trainer with ``use_distributed_sampler=False`` so Lightning does not wrap the
+    sampler.
+    """
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+    def __init__(self, batch_size: int, num_workers: int = 0):
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.start_index = 0
+        # (training index, optimizer step) of a restored checkpoint: the position is counted from there
+        self._resume_point = (0, 0)
+
+    @property
+    def train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    @property
+    def val_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def data_identity(self) -> dict[str, Any]:
+        """What a stored data position refers to (plain values); a resumed run must match it."""
+        return {}
+
+    def samples_per_step(self, accumulate_grad_batches: int = 1, world_size: int | None = None) -> int:
+        """Training indices consumed per optimizer step (``world_size`` None: the attached trainer's)."""
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        world = self._world()[0] if world_size is None else world_size
+        if world < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        return self.batch_size * int(accumulate_grad_batches) * int(world)
+
+    def set_start_step(self, global_step: int, accumulate_grad_batches: int = 1,
+                       world_size: int | None = None) -> None:
+        """Resume at the data position of optimizer step ``global_step``.
+
+        Sets ``start_index = global_step * samples_per_step`` (counted from a restored checkpoint's stored
+        position, if any). Call before the train loader is built.
+        """
+        if global_step < 0:
+            raise ValueError(f"global_step must be >= 0, got {global_step}")
+        index, step = self._resume_point
+        if global_step < step:
+            raise ValueError(f"global_step {global_step} is before the restored data position (step {step})")
+        self.start_index = index + (int(global_step) - step) * self.samples_per_step(accumulate_grad_batches,
+                                                                                      world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position of the attached trainer's step (Lightning stores it in checkpoints)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {"index": self.start_index, "step": 0, **self.data_identity()}
+        index, step = self._resume_point
+        per_step = self.samples_per_step(trainer.accumulate_grad_batches)
+        return {"index": index + (trainer.global_step - step) * per_step, "step": int(trainer.global_step),
+                **self.data_identity()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the data position of a checkpoint (before the train loader is built)."""
+        ours = self.data_identity()
+        for key, value in ours.items():
+            if state_dict.get(key) != value:
+                raise ValueError(f"data.{key}: the checkpoint's data position was counted with {key}="
+                                 f"{state_dict.get(key)!r}, this run has {value!r}; resume with the same data")
+        self._resume_point = (int(state_dict["index"]), int(state_dict["step"]))
+        self.start_index = self._resume_point[0]
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, rank) of the attached trainer, (1, 0) without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _loader(self, ds: Dataset, sampler: Sampler[int], drop_last: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), collate_fn=self.collate_fn)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # Lightning builds the loader after restoring a checkpoint: start at its exact data position.
+            self.set_start_step(trainer.global_step, trainer.accumulate_grad_batches)
+        world, rank = self._world()
+        sampler = OffsetSequentialSampler(self.start_index, len(self.train_dataset), world, rank)
+        return self._loader(self.train_dataset, sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        return self._loader(self.val_dataset, OffsetSequentialSampler(0, len(self.val_dataset), world, rank),
+                            drop_last=False)
+
+
+class SyntheticDataModule(IndexedDataModule):
     """Train / val loaders over the generated task mixture.
 
     Training item ``i`` comes from seed ``seed``; validation from ``seed + VAL_SEED_OFFSET`` (disjoint
     stream) with ``val_mixture`` (default: ``mixture``). ``train_samples=None`` means 10**9 virtual
     samples (generated on the fly). Training reads indices in order from ``start_index`` (no shuffling
-    needed: every index is an independent random sample); see :meth:`set_start_step` to resume.
+    needed: every index is an independent random sample); see :class:`IndexedDataModule` for resuming and
+    multi-GPU sharding.
 
     Batches: dicts of ``input_ids`` / ``labels`` long [B, seq_len], ``answer_mask`` bool [B, seq_len],
     ``task_id`` long [B] (index into ``train_dataset.task_names`` / ``val_dataset.task_names``).
-
-    Multi-GPU: the loaders shard indices themselves (:class:`OffsetSequentialSampler`) using the
-    attached trainer's ``world_size`` / ``global_rank``; build the Trainer with
-    ``use_distributed_sampler=False`` so Lightning does not wrap the 10**9-index sampler.
     """
 
     def __init__(self, seq_len: int = 512, batch_size: int = 8, train_samples: int | None = None,
@@ -156,13 +268,8 @@ class SyntheticDataModule(L.LightningDataModule):
                  val_mixture: Mapping[str, float] | None = None, vocab_size: int = 512, seed: int = 1234,
                  language_seed: int = 0, num_workers: int = 0,
                  task_kwargs: Mapping[str, Mapping[str, Any]] | None = None):
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        super().__init__(batch_size, num_workers)
         self.seq_len = seq_len
-        self.batch_size = batch_size
         self.train_samples = 10**9 if train_samples is None else train_samples
         self.val_samples = val_samples
         self.mixture = _plain(mixture) if mixture is not None else dict(DEFAULT_MIXTURE)
@@ -170,9 +277,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.vocab_size = vocab_size
         self.seed = seed
         self.language_seed = language_seed
-        self.num_workers = num_workers
         self.task_kwargs = _plain(task_kwargs or {})
-        self.start_index = 0
         self._train: SyntheticTaskDataset | None = None
         self._val: SyntheticTaskDataset | None = None
         self.vocab = Vocab(vocab_size)
@@ -196,48 +301,6 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         _ = (self.train_dataset, self.val_dataset)  # build (and validate) both
-
-    def set_start_step(self, global_step: int, accumulate_grad_batches: int = 1,
-                       world_size: int | None = None) -> None:
-        """Resume at the data position of optimizer step ``global_step``.
-
-        Sets ``start_index = global_step * batch_size * accumulate_grad_batches * world_size``
-        (``world_size`` None: the attached trainer's, else 1). Call before the train loader is built.
-        """
-        if global_step < 0:
-            raise ValueError(f"global_step must be >= 0, got {global_step}")
-        if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
-        world = self._world()[0] if world_size is None else world_size
-        if world < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        self.start_index = int(global_step) * self.batch_size * int(accumulate_grad_batches) * int(world)
-
-    def _world(self) -> tuple[int, int]:
-        """(world size, rank) of the attached trainer, (1, 0) without one."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 1, 0
-        return int(trainer.world_size), int(trainer.global_rank)
-
-    def _loader(self, ds: Dataset, sampler: Sampler[int], drop_last: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            # Lightning builds the loader after restoring a checkpoint: start at its exact data position.
-            self.set_start_step(trainer.global_step, trainer.accumulate_grad_batches)
-        world, rank = self._world()
-        sampler = OffsetSequentialSampler(self.start_index, len(self.train_dataset), world, rank)
-        return self._loader(self.train_dataset, sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        return self._loader(self.val_dataset, OffsetSequentialSampler(0, len(self.val_dataset), world, rank),
-                            drop_last=False)
 
 
 def eval_dataloader(task: str, length: int, num_samples: int, seed: int, *, batch_size: int = 8,
