@@ -62,7 +62,7 @@ class LMModule(L.LightningModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"])
+        logits = self(batch["input_ids"], batch.get("cu_seqlens"))
         loss = self._loss(logits, batch["labels"])
         # Checked with the gradient norm before the optimizer step, not here: reading it now would make the
         # CPU wait for the forward, and the GPU idle while the backward is queued.
@@ -106,9 +106,11 @@ class LMModule(L.LightningModule):
         torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), norm)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"])
-        labels, answer = batch["labels"], batch["answer_mask"]
+        logits = self(batch["input_ids"], batch.get("cu_seqlens"))
+        labels, answer = batch["labels"], batch.get("answer_mask")
         self.val_loss(self._loss(logits, labels), weight=labels.numel())
+        if answer is None:  # plain text (data=tokens): loss and perplexity only
+            return
         pred = logits.argmax(-1)
         self.val_answer_acc(pred[answer], labels[answer])
         correct = ((pred == labels) | ~answer).all(-1).float()  # exact match (= greedy decoding's)
@@ -124,8 +126,9 @@ class LMModule(L.LightningModule):
         loss = self.val_loss.compute()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss.clamp(max=50)))
-        self.log("val/answer_acc", self.val_answer_acc.compute(), prog_bar=True)
-        self.log("val/exact_match", self.val_exact.compute())
+        if self.val_answer_acc.update_count:
+            self.log("val/answer_acc", self.val_answer_acc.compute(), prog_bar=True)
+            self.log("val/exact_match", self.val_exact.compute())
         for name, metric in zip(self.task_names, self.val_task_acc):
             if metric.update_count:
                 self.log(f"val/acc/{name}", metric.compute())
