@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def prepare(input: str | Sequence[str], tokenizer: str | os.PathLike, out: str |
         stale.unlink(missing_ok=True)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no offsets (tokenizers >= 0.21)
     writer = _ShardWriter(out, dtype, shard_tokens)
-    lengths: list[int] = []
+    lengths = array("q")  # tokens per document (8 bytes each, not a Python int each)
     batch: list[str] = []
     pending = 0
 

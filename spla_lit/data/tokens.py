@@ -40,17 +40,17 @@ class TokenWindowDataset(Dataset):
         shuffle_seed: None: item ``i`` is window ``i`` (``len`` = number of windows). Else item ``i`` is
             window ``perm_e[i % W]`` of epoch ``e = i // W``, ``perm_e`` the permutation of the ``W`` windows
             seeded by ``(shuffle_seed, e)``, and ``len`` spans many epochs (:data:`TRAIN_SAMPLES`).
-        document_mask: also return ``doc_starts``.
+        document_mask: also return ``segment_starts``.
 
-    Item: ``input_ids`` / ``labels`` long ``[seq_len]``; with ``document_mask``, ``doc_starts`` long ``[S]``:
+    Item: ``input_ids`` / ``labels`` long ``[seq_len]``; with ``document_mask``, ``segment_starts`` long ``[S]``:
     the positions (in ``1 .. seq_len - 1``, increasing) where a new document's segment starts.
     """
 
     def __init__(self, shards: TokenShards, documents: np.ndarray, seq_len: int, *,
                  shuffle_seed: int | None = None, document_mask: bool = False):
         documents = np.asarray(documents, dtype=np.int64)
-        if documents.ndim != 1 or (np.diff(documents) <= 0).any():
-            raise ValueError("documents must be a sorted 1-D array of distinct document indices")
+        if documents.ndim != 1 or not len(documents) or (np.diff(documents) <= 0).any():
+            raise ValueError("documents must be a non-empty sorted 1-D array of distinct document indices")
         starts, ends = shards.offsets[documents], shards.offsets[documents + 1]
         # contiguous documents merge into one range of the shards' stream
         new = np.concatenate([[True], starts[1:] != ends[:-1]])
@@ -97,7 +97,7 @@ class TokenWindowDataset(Dataset):
             # a document starting at p has its segment start at p - 1 (its EOS); keep those in 1..seq_len-1
             lo = np.searchsorted(self.doc_starts, start + 2, side="left")
             hi = np.searchsorted(self.doc_starts, start + self.seq_len, side="right")
-            item["doc_starts"] = torch.from_numpy(self.doc_starts[lo:hi] - 1 - start)
+            item["segment_starts"] = torch.from_numpy(self.doc_starts[lo:hi] - 1 - start)
         return item
 
 
@@ -112,7 +112,7 @@ def collate_windows(items: list[dict[str, torch.Tensor]], document_mask: bool = 
     b, n = input_ids.shape
     cuts = [torch.zeros(1, dtype=torch.int64)]
     for i, it in enumerate(items):
-        cuts += [it["doc_starts"] + i * n, torch.tensor([(i + 1) * n])]
+        cuts += [it["segment_starts"] + i * n, torch.tensor([(i + 1) * n])]
     return {"input_ids": input_ids.reshape(1, b * n), "labels": labels.reshape(1, b * n),
             "cu_seqlens": torch.cat(cuts).to(torch.int32)}
 

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from hydra_utils import ROOT, TINY, make_cfg
 
 from spla_lit.config import validate_config
-from spla_lit.data import TokenDataModule, TokenShards
+from spla_lit.data import TokenDataModule, TokenShards, split_documents
 from spla_lit.data.tokens import TRAIN_SAMPLES
 
 N, B = 16, 4
@@ -81,6 +81,13 @@ def test_held_out_split_is_whole_documents_disjoint_from_training(prepared):
 def test_bad_arguments_name_the_key(prepared, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _dm(prepared, **kwargs)
+
+
+def test_held_out_split_needs_two_documents():
+    with pytest.raises(ValueError, match="data.val_fraction: the data has 1 document, .* at least 2"):
+        split_documents(np.array([1000]), 0.1, 10, 0)
+    train, val = split_documents(np.array([5, 50, 5, 5]), 0.01, 10, 0)  # at least one window held out
+    assert sorted([*train, *val]) == [0, 1, 2, 3] and np.array([5, 50, 5, 5])[val].sum() >= 10
 
 
 def test_missing_or_unfinished_data_names_data_path(tmp_path):
@@ -175,7 +182,8 @@ def test_document_mask_keeps_documents_from_attending_to_each_other(prepared, mo
     batch = next(b for b in dm.train_dataloader() if len(b["cu_seqlens"]) > dm.batch_size + 2)
     ids, cu = batch["input_ids"], batch["cu_seqlens"]
     bounds = cu.tolist()
-    seg = next(i for i in range(len(bounds) - 1) if bounds[i + 1] - bounds[i] > 3 and bounds[i] % 64)  # a document
+    seg = next(i for i in range(len(bounds) - 2)  # a document (not at a window start), not the last segment
+               if bounds[i + 1] - bounds[i] > 3 and bounds[i] % 64)
     a, b = bounds[seg], bounds[seg + 1]
     changed = ids.clone()
     changed[0, a + 1:b] = torch.randint(3, dm.vocab_size, (b - a - 1,), generator=torch.Generator().manual_seed(0))
