@@ -138,8 +138,8 @@ class LMModule(L.LightningModule):
         self.val_exact.reset()
 
     def configure_model(self) -> None:
-        # torch.compile of the blocks and FSDP2 sharding (trainer=fsdp), once; see training/distributed.py
-        from .distributed import configure_model
+        # torch.compile of the blocks and FSDP2 sharding (trainer=fsdp), once; see training/parallelize.py
+        from .parallelize import configure_model
 
         configure_model(self)
 

@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError, validate_config
 from .callbacks import CompileReport
 from .checkpoint_io import AtomicCheckpointIO
-from .distributed import CompileOptions, distributed_job, install_hydra_launch_fix, writes_single_file
+from .compile import CompileOptions
+from .fsdp import writes_single_file
+from .hydra_launch import distributed_job, install_hydra_launch_fix
 
 log = logging.getLogger(__name__)
 

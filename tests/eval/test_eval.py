@@ -49,6 +49,7 @@ def spla_ckpt(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------- eval.py
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_json_markdown_and_plot(spla_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path={spla_ckpt}", f"output_dir={tmp_path}", *FAST_EVAL],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -237,6 +238,7 @@ def test_collect_results_on_a_fake_sweep(tmp_path):
     assert (tmp_path / "out" / "abl.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_tiny_ablation_pipeline_trains_evaluates_and_collects(tmp_path):
     sweep = tmp_path / "sweep"
     for num, variant in enumerate(["dense", "no_rla"]):
@@ -283,6 +285,7 @@ def test_ablation_arms_share_everything_but_the_attention():
     assert shared["data"]["seq_len"] == 4096 and cfg.sparse.block_size == 64 and 8 <= cfg.sparse.topk <= 16
 
 
+@pytest.mark.slow
 def test_fidelity_callback_logs_during_validation(tmp_path):
     metrics = train(make_cfg(["callbacks=fidelity", "trainer.max_steps=2",
                               "trainer.val_check_interval=2"], tmp_path))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from ckpt_weights import assert_same_weights, net_weights
 from hydra_utils import ROOT, make_cfg
 
 from spla_lit.training import LMModule, NonFiniteLossError
@@ -16,11 +16,7 @@ from spla_lit.training.checkpoint_io import atomic_torch_save
 from spla_lit.training.run import train
 
 
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("net.")}
-
-
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_logs_and_checkpoints(tmp_path):
     metrics = train(make_cfg(["trainer.max_steps=12", "trainer.val_check_interval=6", "optim.lr=1e-2"], tmp_path))
     assert metrics["global_step"] == 12
@@ -33,6 +29,7 @@ def test_training_reduces_loss_and_writes_logs_and_checkpoints(tmp_path):
     assert ckpt["spla_config"]["scorer"]["method"] == "taylor2"  # eval.py rebuilds the model from this
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_exact_step_and_data(tmp_path):
     full = tmp_path / "full"
     train(make_cfg(["trainer.max_steps=6", "trainer.val_check_interval=3", "scorer=random"], full))
@@ -40,18 +37,17 @@ def test_resume_continues_at_the_exact_step_and_data(tmp_path):
     resumed = tmp_path / "resumed"
     train(make_cfg(["trainer.max_steps=6", "trainer.val_check_interval=3", "scorer=random", f"ckpt_path={half}"],
                    resumed))
-    a, b = _weights(full / "checkpoints" / "last.ckpt"), _weights(resumed / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert_same_weights(net_weights(full / "checkpoints" / "last.ckpt"),
+                        net_weights(resumed / "checkpoints" / "last.ckpt"), rtol=0, atol=0)
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_same_seed_reproduces_and_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in [("a", 7), ("b", 7), ("c", 8)]:
         train(make_cfg(["trainer.max_steps=3", f"seed={seed}"], tmp_path / name))
-        runs[name] = _weights(tmp_path / name / "checkpoints" / "last.ckpt")
+        runs[name] = net_weights(tmp_path / name / "checkpoints" / "last.ckpt")
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
 
@@ -68,10 +64,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         train(make_cfg(["trainer.max_steps=8", "trainer.val_check_interval=2"], tmp_path))
     good = tmp_path / "checkpoints" / "step000002.ckpt"
     assert good.exists() and not (tmp_path / "checkpoints" / "step000004.ckpt").exists()
-    assert all(torch.isfinite(v).all() for v in _weights(good).values())
+    assert all(torch.isfinite(v).all() for v in net_weights(good).values())
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_nan_loss_of_one_micro_batch_stops_an_accumulated_step(tmp_path, monkeypatch):
     real_loss = LMModule._loss
     calls = []
@@ -90,6 +87,7 @@ def test_nan_loss_of_one_micro_batch_stops_an_accumulated_step(tmp_path, monkeyp
     assert calls.count(2) == 2  # stopped after the step's last micro-batch, before its optimizer step
 
 
+@pytest.mark.slow
 def test_train_loss_is_the_mean_of_the_accumulated_micro_batches(tmp_path, monkeypatch):
     real_loss = LMModule._loss
     seen: dict[int, list[float]] = {}
@@ -117,6 +115,7 @@ def test_inf_gradient_stops_with_the_step(tmp_path, monkeypatch):
         train(make_cfg(["trainer.max_steps=3"], tmp_path))
 
 
+@pytest.mark.slow
 def test_clipping_by_the_shared_norm_matches_lightnings_clipping(tmp_path, monkeypatch):
     """Clipping reuses the norm of the finiteness check: the same update as Lightning's own clipping."""
     cli = ["trainer.max_steps=3", "trainer.gradient_clip_val=0.05", "trainer.val_check_interval=3"]
@@ -124,14 +123,13 @@ def test_clipping_by_the_shared_norm_matches_lightnings_clipping(tmp_path, monke
     monkeypatch.setattr(LMModule, "configure_gradient_clipping",
                         LMModule.__mro__[1].configure_gradient_clipping)
     train(make_cfg(cli, tmp_path / "lightning"))
-    a = _weights(tmp_path / "ours" / "checkpoints" / "last.ckpt")
-    b = _weights(tmp_path / "lightning" / "checkpoints" / "last.ckpt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+    a = net_weights(tmp_path / "ours" / "checkpoints" / "last.ckpt")
+    b = net_weights(tmp_path / "lightning" / "checkpoints" / "last.ckpt")
+    assert_same_weights(a, b, rtol=1e-6, atol=1e-7)
     unclipped = tmp_path / "unclipped"
     train(make_cfg(["trainer.max_steps=3", "trainer.gradient_clip_val=null", "trainer.val_check_interval=3"],
                    unclipped))
-    c = _weights(unclipped / "checkpoints" / "last.ckpt")
+    c = net_weights(unclipped / "checkpoints" / "last.ckpt")
     assert any(not torch.allclose(a[k], c[k]) for k in a)  # the clipping was active
 
 
@@ -154,6 +152,7 @@ TINY_CLI = ["data.seq_len=128", "data.vocab_size=128", "data.batch_size=2", "dat
             "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow
 def test_cli_run_writes_config_logs_and_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *TINY_CLI, f"paths.log_dir={tmp_path}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -164,6 +163,7 @@ def test_cli_run_writes_config_logs_and_checkpoint(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "-m", "scorer=taylor2,random", "rla=none", *TINY_CLI,
                            f"paths.log_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -176,6 +176,7 @@ def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
         assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_logger_none_trains_without_tensorboard(tmp_path):
     metrics = train(make_cfg(["logger=none", "trainer.max_steps=2"], tmp_path))
     assert metrics["global_step"] == 2 and not (tmp_path / "tensorboard").exists()
