@@ -23,30 +23,14 @@ class BlockSparseAttention(nn.Module):
         self.selection = Selection(block_size=block_size, topk=topk, query_block=query_block,
                                    local_blocks=local_blocks, sink_blocks=sink_blocks, mode=mode)
 
-    @property
-    def mode(self) -> str:
-        return self.selection.mode
-
-    @property
-    def block_size(self) -> int:
-        return self.selection.block_size
-
-    @property
-    def topk(self) -> int:
-        """Blocks per query (block): ``topk``, or the window's forced blocks in ``window`` mode."""
-        return self.selection.k
-
-    @property
-    def query_block(self) -> int:
-        return self.selection.query_block
-
-    @property
-    def local_blocks(self) -> int:
-        return self.selection.local_blocks
-
-    @property
-    def sink_blocks(self) -> int:
-        return self.selection.sink_blocks
+    # The geometry, read from the Selection (read-only: the layer built its own Selection from it).
+    mode = property(lambda self: self.selection.mode)
+    block_size = property(lambda self: self.selection.block_size)
+    query_block = property(lambda self: self.selection.query_block)
+    local_blocks = property(lambda self: self.selection.local_blocks)
+    sink_blocks = property(lambda self: self.selection.sink_blocks)
+    topk = property(lambda self: self.selection.k, doc="Blocks per query (block): ``topk``, or the window's forced "
+                                                       "blocks in ``window`` mode.")
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, block_size={self.block_size}, topk={self.topk}, query_block={self.query_block}, "
