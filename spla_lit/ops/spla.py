@@ -246,6 +246,9 @@ def spla_attention(
     """SPLA attention: exact attention over each token's selected key blocks plus linear attention over the
     blocks it left out (``docs/spla.md``). What ``SPLAAttention`` computes before its output projection.
 
+    A stable entry point: the model's layer calls it with its own features, gate and norm weight, and the steps
+    a decode path needs are the public :func:`~spla_lit.ops.score_and_select` and :func:`combine_residual`.
+
     Args:
         q: [B, N, Hq, D]; k: [B, N, Hkv, D]; v: [B, N, Hkv, Dv] (after RoPE). float32 or bfloat16 (float64
             for checks). ``Hq % Hkv == 0`` (grouped-query attention).
@@ -289,7 +292,7 @@ def spla_attention(
         block_idx = score_and_select(q, k, sel, generator=generator, cu_seqlens=cu_seqlens, impl=impl)
     else:
         check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, sel.query_block), device=q.device)
-    joint = combine == "joint"
+    joint = combine == "joint" and rla != "none"  # (without a residual, nothing is combined)
     geometry = dict(block_size=sel.block_size, query_block=sel.query_block, cu_seqlens=cu_seqlens)
     residual = None
     if rla != "none" and phi_q is None:
