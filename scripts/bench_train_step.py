@@ -31,13 +31,13 @@ from spla_lit.models import DecoderLM
 
 
 def build(model: str, *, d_model: int, n_layers: int, impl: str, heads: int = 32, kv_heads: int = 2) -> DecoderLM:
-    sparse = partial(BlockSparseAttention, block_size=64, topk=16, impl=impl)
-    scorer = partial(BlockScorer, method="taylor2", impl=impl)
+    sparse = partial(BlockSparseAttention, block_size=64, topk=16)
+    scorer = partial(BlockScorer, method="taylor2")
     if model == "dense":
         attention = partial(DenseAttention)
     else:
-        rla = partial(ResidualLinearAttention, impl=impl) if model == "spla" else None
-        attention = partial(SPLAAttention, scorer=scorer, sparse=sparse, rla=rla)
+        rla = partial(ResidualLinearAttention) if model == "spla" else None
+        attention = partial(SPLAAttention, scorer=scorer, sparse=sparse, rla=rla, impl=impl)
     return DecoderLM(512, attention, d_model=d_model, n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads,
                      head_dim=128)
 

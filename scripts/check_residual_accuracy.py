@@ -48,7 +48,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for n in args.n:
         q, k, v = make_inputs(n, seed=1)
-        idx = ops.score_and_select(q, k, block_size=64, topk=16)
+        idx = ops.score_and_select(q, k, ops.Selection(block_size=64, topk=16))
         phi_q, phi_k = ops.feature_map("elu1")(q), ops.feature_map("elu1")(k)
         g = torch.Generator().manual_seed(n)
         rows = torch.cat([torch.randint(n // 2, n, (args.rows - 4,), generator=g), torch.arange(n - 4, n)]).sort()[0]

@@ -7,6 +7,7 @@ unknown ``rla.feature_map``...) and names the key, so a bad override fails in mi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,8 +20,10 @@ from .options import (
     HEAD_REDUCTIONS,
     IMPLS,
     POSITIVE_FEATURE_MAPS,
+    RLA_MODES,
     SCORERS,
-    min_topk,
+    SPARSE_MODES,
+    Selection,
 )
 
 
@@ -47,8 +50,37 @@ def _choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> None:
         raise ConfigError(f"{key}: unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
-def _target(node: Any) -> str:
-    return str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+def uses_spla(cfg: DictConfig) -> bool:
+    """Whether the run's attention is SPLA, read from the config's structure: its attention has a ``sparse``
+    (block geometry) component. Dense and linear attention have none."""
+    attention = OmegaConf.select(cfg, "model.attention")
+    return isinstance(attention, DictConfig) and "sparse" in attention
+
+
+# The config key of each Selection field (the sparse/ and scorer/ groups).
+SELECTION_KEYS = {"block_size": "sparse.block_size", "topk": "sparse.topk", "query_block": "sparse.query_block",
+                  "local_blocks": "sparse.local_blocks", "sink_blocks": "sparse.sink_blocks", "mode": "sparse.mode",
+                  "scorer": "scorer.method", "covariance": "scorer.covariance", "rank": "scorer.rank",
+                  "head_reduce": "scorer.head_reduce"}
+
+
+def selection_from_config(cfg: DictConfig) -> Selection:
+    """The :class:`~spla_lit.options.Selection` the SPLA layers of ``cfg`` build (scorer fields only in
+    ``topk`` mode); :class:`ConfigError` naming the key of the field whose rule failed."""
+    values = {}
+    for name, key in SELECTION_KEYS.items():
+        if key.startswith("scorer.") and _get(cfg, "sparse.mode") != "topk":
+            continue
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            values[name] = value
+    try:
+        return Selection(**values)
+    except ValueError as e:
+        # Selection's messages name the field that failed first (e.g. "topk (1) is smaller than the 2 forced
+        # blocks", "query_block (24) and block_size (32) must divide one another").
+        field = next((w for w in re.findall(r"[a-z_]+", str(e)) if w in SELECTION_KEYS), None)
+        raise ConfigError(f"{SELECTION_KEYS.get(field, 'sparse')}: {e}") from None
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -63,14 +95,14 @@ def validate_config(cfg: DictConfig) -> None:
     head_dim = _get(cfg, "model.head_dim") or _get(cfg, "model.d_model") // heads
     if head_dim % 2:
         raise ConfigError(f"model.head_dim: RoPE needs an even head dim, got {head_dim}")
-    attention = _target(_get(cfg, "model.attention"))
-    if attention.endswith("SPLAAttention"):
+    if uses_spla(cfg):
         _validate_sparse(cfg)
         if _get(cfg, "sparse.mode") == "topk":
             _validate_scorer(cfg)
+        selection_from_config(cfg)  # the rules between fields (topk >= the forced blocks...)
         if _get(cfg, "model.attention.rla") is not None:
             _validate_rla(cfg, "rla")
-    elif attention.endswith("LinearAttention"):
+    elif OmegaConf.select(cfg, "model.attention.feature_map") is not None:  # pure linear attention
         _choice(cfg, "model.attention.feature_map", POSITIVE_FEATURE_MAPS)
     _validate_trainer(cfg)
 
@@ -85,23 +117,19 @@ def _validate_scorer(cfg: DictConfig) -> None:
 
 
 def _validate_sparse(cfg: DictConfig) -> None:
-    _choice(cfg, "sparse.mode", ("topk", "window"))
+    _choice(cfg, "sparse.mode", SPARSE_MODES)
     _positive(cfg, ["sparse.block_size", "sparse.query_block", "sparse.local_blocks"])
     _positive(cfg, ["sparse.sink_blocks"], minimum=0)
     if _get(cfg, "sparse.mode") == "topk":
+        if OmegaConf.select(cfg, "sparse.topk") is None:
+            raise ConfigError("sparse.topk: required with sparse.mode=topk")
         _positive(cfg, ["sparse.topk"])
-    block, qblock = _get(cfg, "sparse.block_size"), _get(cfg, "sparse.query_block")
-    if qblock > 1 and block % qblock and qblock % block:
-        raise ConfigError(f"sparse.query_block: {qblock} and sparse.block_size ({block}) must divide one another")
-    need = min_topk(block_size=block, query_block=qblock, local_blocks=_get(cfg, "sparse.local_blocks"),
-                    sink_blocks=_get(cfg, "sparse.sink_blocks"))
-    if _get(cfg, "sparse.mode") == "topk" and _get(cfg, "sparse.topk") < need:
-        raise ConfigError(f"sparse.topk: {_get(cfg, 'sparse.topk')} is smaller than the {need} forced blocks "
-                          f"(sparse.local_blocks + sparse.sink_blocks, and the blocks a query block overlaps)")
 
 
 def _validate_rla(cfg: DictConfig, prefix: str) -> None:
-    _choice(cfg, f"{prefix}.mode", ("subtract", "explicit"))
+    _choice(cfg, f"{prefix}.mode", RLA_MODES)
+    if _get(cfg, f"{prefix}.mode") == "none":
+        raise ConfigError(f"{prefix}.mode: 'none' is spelled rla=none (no residual component)")
     _choice(cfg, f"{prefix}.feature_map", FEATURE_MAPS)
     _choice(cfg, f"{prefix}.combine", COMBINES)
     positive_needed = _get(cfg, f"{prefix}.normalize") or _get(cfg, f"{prefix}.combine") == "joint"

@@ -24,8 +24,11 @@ TINY = [
 def make_cfg(overrides: list[str] = (), output_dir: Path | None = None, tiny: bool = True,
              config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python train.py <overrides>`` would, outputs in ``output_dir``."""
+    overrides = (TINY if tiny else []) + list(overrides)
+    if "sparse=window" in overrides:  # a sliding window has no topk (sparse/window.yaml): drop the size presets
+        overrides = [o for o in overrides if not o.startswith("sparse.topk=")]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=(TINY if tiny else []) + list(overrides), return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     if output_dir is not None:
         with open_dict(cfg):

@@ -231,12 +231,13 @@ def linear_sweep():
 
 def _select_compare(q, k, **kw):
     from spla_kernels.select import select_blocks_fused
-    from spla_lit.ops import block_scores, select_blocks
+    from spla_lit.ops import Selection, block_scores, select_blocks
 
-    sel = dict(topk=kw.pop("topk"), local_blocks=kw.pop("local_blocks"), sink_blocks=kw.pop("sink_blocks"))
-    got = select_blocks_fused(q, k, **kw, **sel)
-    scores = block_scores(q, k, **kw)
-    ref = select_blocks(scores, block_size=kw["block_size"], cu_seqlens=kw.get("cu_seqlens"), **sel)
+    cu = kw.pop("cu_seqlens", None)
+    selection = Selection(**kw)
+    got = select_blocks_fused(q, k, selection, cu_seqlens=cu)
+    scores = block_scores(q, k, selection, cu_seqlens=cu)
+    ref = select_blocks(scores, selection, cu_seqlens=cu)
     exact = (got == ref).all(-1)
     # Rows that differ: compare the reference scores of the two selections (equal up to rounding = a tie).
     s = scores.masked_fill(torch.isinf(scores), 0)  # forced/invisible blocks compare as equal
@@ -265,7 +266,7 @@ def select_checks():
 
 def _select_one(N: int) -> str:
     from spla_kernels import select as S
-    from spla_lit.ops import score_and_select
+    from spla_lit.ops import Selection, score_and_select
 
     Hq, Hkv, D = 32, 2, 128
     kw = dict(block_size=64, topk=16, local_blocks=1, sink_blocks=1, head_reduce="lse")
@@ -279,7 +280,7 @@ def _select_one(N: int) -> str:
         S.QUAD_SPLIT = split
 
         def fn(scorer=scorer, cov=cov):
-            return S.select_blocks_fused(q, k, scorer=scorer, covariance=cov, rank=4, **kw)
+            return S.select_blocks_fused(q, k, Selection(scorer=scorer, covariance=cov, rank=4, **kw))
 
         fn()
         torch.cuda.synchronize()
@@ -290,7 +291,8 @@ def _select_one(N: int) -> str:
         parts.append(f"{scorer}/{cov}{'' if split else '/1dot'} {bench(fn):.3f} ms ({peak:.0f} MiB)")
     S.QUAD_SPLIT = True
     if N <= 32768:
-        t_ref = bench(lambda: score_and_select(q, k, scorer="taylor2", covariance="diag", impl="reference", **kw))
+        t_ref = bench(lambda: score_and_select(q, k, Selection(scorer="taylor2", covariance="diag", **kw),
+                                               impl="reference"))
         parts.append(f"reference taylor2/diag {t_ref:.3f} ms")
     return f"select N={N}: " + ", ".join(parts)
 

@@ -117,10 +117,10 @@ def real_selection(q, k, query_block: int = 1):
     from spla_lit.ops._dispatch import kernel
 
     if query_block == 1 and kernel("select_blocks_fused") is not None:
-        from spla_lit.ops import score_and_select
+        from spla_lit.ops import Selection, score_and_select
 
         try:
-            return score_and_select(q, k, block_size=BS, topk=TOPK), "fused select kernel"
+            return score_and_select(q, k, Selection(block_size=BS, topk=TOPK)), "fused select kernel"
         except Exception as e:  # noqa: BLE001 - fall back to the torch scorer, say so
             log(f"fused selection failed ({type(e).__name__}: {e}"[:300] + "); using the chunked torch scorer")
     return chunked_select(q, k, query_block=query_block), "chunked torch scorer"
@@ -282,16 +282,16 @@ def row_select(q, k, v):
 
 def row_spla(q, k, v):
     """The full SPLA op: scoring + selection + fused sparse/selected-linear + global linear + combine."""
-    from spla_lit.ops import spla_attention
+    from spla_lit.ops import Selection, spla_attention
     from spla_lit.ops._dispatch import kernel
 
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
     if kernel("select_blocks_fused") is not None:
-        return (lambda: spla_attention(qq, kk, vv, block_size=BS, topk=TOPK)), [qq, kk, vv]
+        return (lambda: spla_attention(qq, kk, vv, Selection(block_size=BS, topk=TOPK))), [qq, kk, vv]
 
     def f():  # no fused selection kernel: the chunked scorer stands in (the reference is O(N * nK * G) memory)
         idx = chunked_select(qq.detach(), kk.detach())
-        return spla_attention(qq, kk, vv, block_size=BS, topk=TOPK, block_idx=idx)
+        return spla_attention(qq, kk, vv, Selection(block_size=BS, topk=TOPK), block_idx=idx)
 
     return f, [qq, kk, vv]
 

@@ -164,19 +164,19 @@ def _gpu_check(n: int = 4096, block_size: int = 64, topk: int = 16) -> bool:
     from spla_lit import ops
 
     q, k, v = make_inputs(n, seed=3)
-    idx = ops.score_and_select(q, k, block_size=block_size, topk=topk)
+    selection = ops.Selection(block_size=block_size, topk=topk)
+    idx = ops.score_and_select(q, k, selection)
     gate = torch.rand(1, n, q.shape[2], device=q.device)
     ok = True
     for combine, normalize in (("add", True), ("add", False), ("joint", True)):
         outs = []
         for impl in ("reference", "triton"):
             leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-            o, aux = ops.spla_attention(*leaves, block_idx=idx, block_size=block_size, topk=topk, combine=combine,
-                                        normalize=normalize, gate=gate if combine == "add" else 1.0, impl=impl,
-                                        return_aux=True)
+            o, aux = ops.spla_attention(*leaves, selection, block_idx=idx, combine=combine, normalize=normalize,
+                                        gate=gate if combine == "add" else None, impl=impl, return_aux=True)
             dout = torch.randn(o.shape, generator=torch.Generator(device=o.device).manual_seed(0), device=o.device)
-            grads = torch.autograd.grad((o.float() * dout).sum() + aux["residual"].sum(), leaves)
-            outs.append((aux["residual"].detach(), o.detach(), grads))
+            grads = torch.autograd.grad((o.float() * dout).sum() + aux.residual.sum(), leaves)
+            outs.append((aux.residual.detach(), o.detach(), grads))
         (r0, o0, g0), (r1, o1, g1) = outs
 
         def rel(a, b):

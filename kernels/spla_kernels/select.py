@@ -15,6 +15,7 @@ import functools
 import torch
 
 from spla_lit.ops.utils import next_pow2, sequence_segments
+from spla_lit.options import Selection
 
 from ._select_kernels import select_kernel
 from ._utils import interpreting
@@ -87,27 +88,24 @@ def _need_forced(max_blocks: int, local_blocks: int, sink_blocks: int) -> int:
 def select_blocks_fused(
     q: torch.Tensor,
     k: torch.Tensor,
+    selection: Selection,
     *,
-    block_size: int,
-    topk: int,
-    query_block: int = 1,
-    local_blocks: int = 1,
-    sink_blocks: int = 0,
-    scorer: str = "taylor2",
-    covariance: str = "diag",
-    rank: int = 4,
-    head_reduce: str = "lse",
-    scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score key blocks and pick each token's top-k, fused: int32 [B, Hkv, N, topk].
 
-    Args: q [B, N, Hq, D]; k [B, N, Hkv, D] (same dtype); block_size, topk, local_blocks, sink_blocks as in
-    ``spla_lit.ops.select_blocks``; scorer ``taylor1`` | ``taylor2`` (covariance ``diag`` | ``lowrank``);
-    head_reduce ``lse`` | ``max`` | ``mean``; cu_seqlens int [S + 1] packs sequences (B == 1, local indices).
-    Returns ascending block indices, -1 padded; forced local / sink blocks always in.
-    Raises NotImplementedError for query_block > 1, other scorers, full covariance, D > 256 or G > 128.
+    Args: q [B, N, Hq, D]; k [B, N, Hkv, D] (same dtype); selection: a ``spla_lit.options.Selection`` (block
+    geometry as in ``spla_lit.ops.select_blocks``; scorer ``taylor1`` | ``taylor2`` with covariance ``diag`` |
+    ``lowrank``; head_reduce ``lse`` | ``max`` | ``mean``); cu_seqlens int [S + 1] packs sequences (B == 1,
+    local indices). Returns ascending block indices, -1 padded; forced local / sink blocks always in.
+    Raises NotImplementedError for window mode, query_block > 1, other scorers, full covariance, D > 256 or G > 128.
     """
+    if selection.mode != "topk":
+        raise NotImplementedError("select_blocks_fused scores blocks (mode='topk' only)")
+    block_size, topk, query_block = selection.block_size, selection.topk, selection.query_block
+    local_blocks, sink_blocks, scale = selection.local_blocks, selection.sink_blocks, selection.scale
+    scorer, covariance, rank = selection.scorer, selection.covariance, selection.rank
+    head_reduce = selection.head_reduce
     if query_block != 1:
         raise NotImplementedError("select_blocks_fused selects per token only (query_block == 1)")
     if scorer not in ("taylor1", "taylor2") or (scorer == "taylor2" and covariance not in ("diag", "lowrank")):

@@ -1,8 +1,8 @@
-"""Capture what each SPLA layer computed (q, k, v, its block selection and its attention output).
+"""Capture what each SPLA layer computed (q, k, v, its block selection, its sparse and final attention output).
 
-Forward hooks only, on the component that receives all of them: the layer's residual linear attention
-(``attn.rla``) or, without one, its sparse attention (``attn.sparse``). Nothing is recomputed, so the
-capture is exactly what the layer used, and the layer files stay untouched::
+Through the layer's own capture hooks (:meth:`SPLAAttention.register_capture_hook`, which hand over an
+:class:`~spla_lit.layers.attention.SPLARecord` of every forward): nothing is recomputed, so the capture is
+exactly what the layer used::
 
     with capture_spla(model, max_rows=1) as captures:
         model(input_ids)
@@ -11,38 +11,42 @@ capture is exactly what the layer used, and the layer files stay untouched::
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..layers import SPLAAttention
+from ..layers.attention import SPLARecord
+from ..options import Selection
 
 
 @dataclass
 class LayerCapture:
-    """One forward call of one SPLA layer.
+    """One forward call of one SPLA layer (detached tensors).
 
     Attributes:
         layer: index of the layer among the model's SPLA layers (model order).
-        attn: the layer itself (for its geometry: ``attn.sparse.block_size``, ``topk``...).
+        attn: the layer itself.
+        selection: the layer's selection (block geometry and scorer), as it ran.
         q: [B, N, Hq, D]; k, v: [B, N, Hkv, D] as the layer saw them (after RoPE, in its dtype).
-        block_idx: int32 [B, Hkv, nQ, topk], the selection it used.
+        block_idx: int32 [B, Hkv, nQ, k], the selection it used.
+        o_sparse: [B, N, Hq, D], exact attention over the selected blocks.
         out: [B, N, Hq, D], the attention output before the output projection: sparse attention plus the
-            residual (or the sparse attention alone when the layer has no residual).
+            residual (``o_sparse`` itself when the layer has no residual).
         cu_seqlens: packed-sequence boundaries of the call, or None.
     """
 
     layer: int
     attn: SPLAAttention
+    selection: Selection
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     block_idx: torch.Tensor
+    o_sparse: torch.Tensor
     out: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
 
@@ -52,15 +56,7 @@ def spla_layers(model: nn.Module) -> list[SPLAAttention]:
     return [m for m in model.modules() if isinstance(m, SPLAAttention)]
 
 
-def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def _keep(x: torch.Tensor | None, rows: int | None) -> torch.Tensor | None:
-    if x is None:
-        return None
+def _keep(x: torch.Tensor, rows: int | None) -> torch.Tensor:
     x = x.detach()
     # clone the slice so the full batch can be freed
     return x[:rows].clone() if rows is not None and rows < x.shape[0] else x
@@ -76,18 +72,15 @@ def capture_spla(model: nn.Module, max_rows: int | None = None) -> Iterator[list
     captures: list[LayerCapture] = []
     handles = []
     for index, attn in enumerate(spla_layers(model)):
-        target = attn.rla if attn.rla is not None else attn.sparse
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, index: int = index,
-                 attn: SPLAAttention = attn) -> None:
-            a = _bound_arguments(module, args, kwargs)
-            cu = a.get("cu_seqlens")
-            rows = None if cu is not None else max_rows
+        def hook(layer: SPLAAttention, record: SPLARecord, index: int = index) -> None:
+            rows = None if record.cu_seqlens is not None else max_rows
             captures.append(LayerCapture(
-                layer=index, attn=attn, q=_keep(a["q"], rows), k=_keep(a["k"], rows), v=_keep(a["v"], rows),
-                block_idx=_keep(a["block_idx"], rows), out=_keep(output[0], rows), cu_seqlens=cu))
+                layer=index, attn=layer, selection=layer.selection, q=_keep(record.q, rows), k=_keep(record.k, rows),
+                v=_keep(record.v, rows), block_idx=_keep(record.block_idx, rows),
+                o_sparse=_keep(record.o_sparse, rows), out=_keep(record.out, rows), cu_seqlens=record.cu_seqlens))
 
-        handles.append(target.register_forward_hook(hook, with_kwargs=True))
+        handles.append(attn.register_capture_hook(hook))
     try:
         yield captures
     finally:

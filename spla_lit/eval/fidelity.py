@@ -35,6 +35,7 @@ For one layer with queries ``q`` [B, N, Hq, D], keys / values ``k, v`` [B, N, Hk
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from torchmetrics import Metric
 
 from .. import ops
 from ..ops.blocks import forced_blocks, token_block_idx
+from ..options import Selection
 from .capture import LayerCapture
 
 FIDELITY_KEYS = ("recall", "mass_share", "oracle_mass_share", "sparse_err", "layer_err", "residual_err")
@@ -159,12 +161,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2)
 
 
-def oracle_selection(q: torch.Tensor, k: torch.Tensor, sparse: nn.Module) -> torch.Tensor:
-    """The oracle's selection [B, Hkv, nQ, topk] with the geometry of ``sparse`` (a BlockSparseAttention)."""
-    return ops.score_and_select(q, k, block_size=sparse.block_size, topk=sparse.topk,
-                                query_block=sparse.query_block, local_blocks=sparse.local_blocks,
-                                sink_blocks=sparse.sink_blocks, scorer="oracle", head_reduce="lse",
-                                impl="reference")
+def oracle_selection(q: torch.Tensor, k: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The oracle's selection [B, Hkv, nQ, selection.k] with the geometry of ``selection`` (exact block mass,
+    heads reduced by log-sum-exp, PyTorch reference; a window's oracle is the window itself)."""
+    oracle = replace(selection, mode="topk", topk=selection.k, scorer="oracle", head_reduce="lse")
+    return ops.score_and_select(q, k, oracle, impl="reference")
 
 
 class LayerFidelity(nn.Module):
@@ -181,21 +182,19 @@ class LayerFidelity(nn.Module):
     def update(self, cap: LayerCapture) -> None:
         if cap.cu_seqlens is not None:
             raise ValueError("selection fidelity needs unpacked batches (cu_seqlens=None)")
-        sparse = cap.attn.sparse
+        sel = cap.selection
         q, k, v = cap.q, cap.k, cap.v
         N = q.shape[1]
-        nK, nQ = -(-N // sparse.block_size), -(-N // sparse.query_block)
-        oracle = oracle_selection(q, k, sparse)
-        forced = forced_blocks(nQ, nK, sparse.query_block, sparse.block_size, sparse.local_blocks,
-                               sparse.sink_blocks, q.device)
+        nK, nQ = -(-N // sel.block_size), -(-N // sel.query_block)
+        oracle = oracle_selection(q, k, sel)
+        forced = forced_blocks(nQ, nK, sel.query_block, sel.block_size, sel.local_blocks, sel.sink_blocks, q.device)
         self.recall.update(cap.block_idx, oracle, nK, forced)
-        log_mass = ops.exact_block_log_mass(q, k, block_size=sparse.block_size)
-        self.mass_share.update(log_mass, cap.block_idx, sparse.query_block)
-        self.oracle_mass_share.update(log_mass, oracle, sparse.query_block)
-        # o_sparse through the layer's own sparse attention (same dtype and path as in the forward), so a
-        # layer without residual gives residual_err == 1 exactly
-        o_sparse, _ = sparse(q, k, v, cap.block_idx, None, return_lse=False)
-        self.residual.update(dense_attention(q, k, v), o_sparse, cap.out)
+        log_mass = ops.exact_block_log_mass(q, k, block_size=sel.block_size)
+        self.mass_share.update(log_mass, cap.block_idx, sel.query_block)
+        self.oracle_mass_share.update(log_mass, oracle, sel.query_block)
+        # o_sparse as the layer computed it (same dtype and path), so a layer without residual gives
+        # residual_err == 1 exactly
+        self.residual.update(dense_attention(q, k, v), cap.o_sparse, cap.out)
 
     def compute(self) -> dict[str, float]:
         out = {"recall": self.recall.compute(), "mass_share": self.mass_share.compute(),

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from ..config import ConfigError, validate_config
+from ..config import ConfigError, uses_spla, validate_config
 
 # Keys that ``override.<section>.<key>`` may set, per section. rla.mode also takes ``none``: drop the
 # residual at evaluation (its gate weights are then unused).
@@ -97,8 +97,8 @@ def apply_overrides(cfg: DictConfig, override: Mapping | None) -> tuple[DictConf
     cfg = copy.deepcopy(cfg)
     if not flat:
         return cfg, flat
-    kind = attention_kind(cfg)
-    if kind != "SPLAAttention":
+    if not uses_spla(cfg):
+        kind = attention_kind(cfg)
         raise ConfigError(f"override.{next(iter(flat))}: the checkpoint's model uses {kind or 'no known attention'}; "
                           "selection overrides need an SPLA model")
     attention = cfg.model.attention

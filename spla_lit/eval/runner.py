@@ -18,9 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, uses_spla
 from ..data import SyntheticTaskDataset
-from ..ops._dispatch import IMPLS
+from ..options import IMPLS
 from .capture import capture_spla, spla_layers
 from .fidelity import SelectionFidelityMetrics
 from .loading import LoadedModel, attention_kind, load_model
@@ -57,9 +57,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def model_label(cfg: DictConfig) -> str:
     """Short model name from a run config: ``dense``, ``linear``, ``spla-taylor2-k8``, ``spla-random-k8-norla``,
     ``spla-window-w4``."""
-    kind = attention_kind(cfg)
-    if kind != "SPLAAttention":
-        return kind.removesuffix("Attention").lower() or "model"
+    if not uses_spla(cfg):
+        return attention_kind(cfg).removesuffix("Attention").lower() or "model"
     a = cfg.model.attention
     if a.sparse.mode == "window":
         name = f"spla-window-w{a.sparse.local_blocks + a.sparse.sink_blocks}"

@@ -1,22 +1,25 @@
 """Attention layers (``nn.Module``) of the decoder: SPLA, dense softmax, and pure linear attention.
 
 Each takes ``x [B, N, d_model]`` plus RoPE tables and returns ``[B, N, d_model]``. SPLA composes three
-pluggable components built per layer from factories (Hydra ``_partial_`` configs): a scorer, the sparse
-attention and, optionally, the residual linear attention.
+pluggable components built per layer from factories (Hydra ``_partial_`` configs): a scorer, the block
+geometry and, optionally, the residual linear attention; the computation is ``spla_lit.ops.spla_attention``.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .. import ops
 from ..ops.utils import sequence_ids
-from ..options import check_positive_int
+from ..options import IMPLS, POSITIVE_FEATURE_MAPS, Selection, check_choice, check_positive_int
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -65,31 +68,95 @@ class _Projections(nn.Module):
         return self.wo(o.reshape(*o.shape[:2], -1))
 
 
-class SPLAAttention(_Projections):
-    """SPLA: exact attention on the top-k blocks chosen by ``scorer`` + residual linear attention (``rla``).
+@dataclass
+class SPLARecord:
+    """What one forward call of an :class:`SPLAAttention` layer computed, passed to its capture hooks.
 
-    With ``rla=None`` it is pure block-sparse attention (the ``model=sparse`` ablation).
+    The tensors are the layer's own (in the autograd graph, not copies): a hook that keeps them should
+    ``detach()`` them.
+
+    Attributes:
+        q: [B, N, Hq, D]; k, v: [B, N, Hkv, D], after RoPE, in the layer's dtype.
+        phi_q, phi_k: the residual's features [B, N, Hq | Hkv, F]; gate: [B, N, Hq] (``combine=add``); None
+            where the layer has no such input.
+        block_idx: int32 [B, Hkv, nQ, k], the selection used.
+        o_sparse: [B, N, Hq, D], exact attention over the selected blocks.
+        out: [B, N, Hq, D], the attention output before the output projection (``o_sparse`` plus the
+            residual; ``o_sparse`` itself without one).
+        cu_seqlens: packed-sequence boundaries of the call, or None.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    phi_q: torch.Tensor | None
+    phi_k: torch.Tensor | None
+    gate: torch.Tensor | None
+    block_idx: torch.Tensor
+    o_sparse: torch.Tensor
+    out: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+
+
+CaptureHook = Callable[["SPLAAttention", SPLARecord], None]
+
+
+class SPLAAttention(_Projections):
+    """SPLA: exact attention on the key blocks chosen by the selection + residual linear attention (``rla``).
+
+    A thin wrapper over :func:`spla_lit.ops.spla_attention`: the layer computes q, k, v (+ RoPE) and, with a
+    residual, its features, gate(x) and RMSNorm weight, and the op does the rest. Components (Hydra
+    ``_partial_`` factories, built per layer): ``sparse`` (:class:`BlockSparseAttention`, the block geometry),
+    ``scorer`` (:class:`BlockScorer`; unused with ``sparse.mode=window``) and ``rla``
+    (:class:`ResidualLinearAttention`, or None: pure block-sparse attention, ``rla=none``). Together they make
+    :attr:`selection`. ``impl``: auto | reference | triton, for every op of the layer.
+
+    :attr:`stats` holds the last forward's residual statistics (``rla/gate_abs``, ``rla/residual_share``).
+    :meth:`register_capture_hook` gives hooks an :class:`SPLARecord` of every forward (``spla_lit.eval.capture``).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None, *,
                  scorer: Callable[..., nn.Module] | nn.Module | None, sparse: Callable[..., nn.Module] | nn.Module,
                  rla: Callable[..., nn.Module] | nn.Module | None = None, qk_norm: bool = False,
-                 layer_idx: int = 0) -> None:
+                 layer_idx: int = 0, impl: str = "auto") -> None:
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm)
         self.sparse = _build(sparse, layer_idx=layer_idx)
         self.scorer = _build(scorer, layer_idx=layer_idx) if self.sparse.mode == "topk" else None
+        if self.sparse.mode == "topk" and self.scorer is None:
+            raise ValueError("sparse.mode=topk needs a scorer")
         self.rla = _build(rla, d_model=d_model, n_heads=n_heads, head_dim=self.head_dim, layer_idx=layer_idx)
+        self.impl = check_choice("impl", impl, IMPLS)
+        geometry = self.sparse.selection
+        self.selection: Selection = geometry if self.scorer is None else self.scorer.apply_to(geometry)
         self.stats: dict[str, torch.Tensor] = {}
+        self._capture_hooks: dict[int, CaptureHook] = OrderedDict()
+
+    def register_capture_hook(self, hook: CaptureHook) -> RemovableHandle:
+        """Call ``hook(layer, record)`` with an :class:`SPLARecord` after every forward until the returned
+        handle's ``remove()``. Nothing is recorded while no hook is registered."""
+        handle = RemovableHandle(self._capture_hooks)
+        self._capture_hooks[handle.id] = hook
+        return handle
 
     def forward(self, x: torch.Tensor, rope=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, d_model] -> [B, N, d_model]; rope: (cos, sin) tables; cu_seqlens: packed rows (B == 1)."""
         q, k, v = self.qkv(x, rope)
-        block_idx = self.sparse.select(q, k, self.scorer, cu_seqlens)
-        if self.rla is None:
-            o, _ = self.sparse(q, k, v, block_idx, cu_seqlens, return_lse=False)
-            self.stats = {}
-        else:
-            o, self.stats = self.rla(x, q, k, v, block_idx, self.sparse, cu_seqlens)
+        residual = {"rla": "none"} if self.rla is None else self.rla.op_inputs(x, q, k)
+        generator = None if self.scorer is None else self.scorer.generator(q.device)
+        o, aux = ops.spla_attention(q, k, v, self.selection, generator=generator, cu_seqlens=cu_seqlens,
+                                    impl=self.impl, return_aux=True, **residual)
+        self.stats = {key: value for key, value in (("rla/gate_abs", aux.gate_abs),
+                                                    ("rla/residual_share", aux.residual_share)) if value is not None}
+        if self._capture_hooks:
+            record = SPLARecord(q=q, k=k, v=v, phi_q=residual.get("phi_q"), phi_k=residual.get("phi_k"),
+                                gate=residual.get("gate"), block_idx=aux.block_idx, o_sparse=aux.o_sparse, out=o,
+                                cu_seqlens=cu_seqlens)
+            for hook in list(self._capture_hooks.values()):
+                hook(self, record)
         return self.out(o)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl}"
 
 
 class DenseAttention(_Projections):
@@ -121,9 +188,7 @@ class LinearAttention(_Projections):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None, *,
                  feature_map: str = "elu1", qk_norm: bool = False, layer_idx: int = 0) -> None:
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm)
-        if feature_map not in ops.feature_maps.POSITIVE_FEATURE_MAPS:
-            raise ValueError(f"model.attention.feature_map must be one of "
-                             f"{', '.join(ops.feature_maps.POSITIVE_FEATURE_MAPS)}, got {feature_map!r}")
+        check_choice("model.attention.feature_map", feature_map, POSITIVE_FEATURE_MAPS)
         self.phi = ops.feature_map(feature_map)
         self.norm = RMSNorm(self.head_dim)
         self.stats: dict[str, torch.Tensor] = {}

@@ -1,67 +1,36 @@
-"""The exact block-sparse attention component (config group ``sparse/``)."""
+"""The block geometry of a layer's selection (config group ``sparse/``)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .. import ops
-from ..ops._checks import check_choice, check_positive_int, check_query_block
-
-SPARSE_MODES = ("topk", "window")
+from ..options import Selection
 
 
 class BlockSparseAttention(nn.Module):
-    """Holds the selection geometry and runs exact attention on the selected blocks.
+    """Holds the selection geometry of an SPLA layer as a validated :class:`~spla_lit.options.Selection`
+    (:attr:`selection`; its scorer fields are set by the layer's :class:`~spla_lit.layers.BlockScorer`).
 
     ``mode="topk"``: the scorer picks ``topk`` blocks per token (forced local and sink blocks included).
     ``mode="window"``: no scorer, only the ``local_blocks`` most recent blocks and the sinks (a sliding
-    window baseline: with RLA it becomes window attention plus linear attention over everything else).
+    window baseline: with RLA it becomes window attention plus linear attention over everything else);
+    ``topk`` is ignored.
     """
 
     def __init__(self, block_size: int = 64, topk: int = 16, query_block: int = 1, local_blocks: int = 1,
-                 sink_blocks: int = 0, mode: str = "topk", layer_idx: int = 0, impl: str = "auto") -> None:
+                 sink_blocks: int = 0, mode: str = "topk", layer_idx: int = 0) -> None:
         super().__init__()
-        check_query_block(query_block, block_size)
-        self.block_size, self.query_block = block_size, query_block
-        self.topk = check_positive_int("sparse.topk", topk)
-        self.local_blocks = check_positive_int("sparse.local_blocks", local_blocks)
-        self.sink_blocks = check_positive_int("sparse.sink_blocks", sink_blocks, minimum=0)
-        self.mode = check_choice("sparse.mode", mode, SPARSE_MODES)
-        self.impl = impl
-        need = ops.min_topk(block_size=block_size, query_block=query_block, local_blocks=local_blocks,
-                            sink_blocks=sink_blocks)
-        if mode == "topk" and topk < need:
-            raise ValueError(f"sparse.topk ({topk}) is smaller than the {need} forced blocks "
-                             f"(sparse.local_blocks={local_blocks}, sparse.sink_blocks={sink_blocks})")
-        if mode == "window":
-            self.topk = need
+        self.selection = Selection(block_size=block_size, topk=topk, query_block=query_block,
+                                   local_blocks=local_blocks, sink_blocks=sink_blocks, mode=mode)
 
-    @torch.no_grad()
-    def select(self, q: torch.Tensor, k: torch.Tensor, scorer: nn.Module | None,
-               cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """Block indices int32 [B, Hkv, nQ, topk] for q [B, N, Hq, D], k [B, N, Hkv, D]."""
-        geometry = dict(block_size=self.block_size, topk=self.topk, query_block=self.query_block,
-                        local_blocks=self.local_blocks, sink_blocks=self.sink_blocks, cu_seqlens=cu_seqlens)
-        if self.mode == "topk":
-            if scorer is None:
-                raise ValueError("sparse.mode=topk needs a scorer")
-            return scorer(q, k, **geometry)
-        B, N, _, _ = q.shape
-        nQ, nK = -(-N // self.query_block), -(-N // self.block_size)
-        if cu_seqlens is not None:
-            nK = -(-int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) // self.block_size)
-        scores = torch.zeros(B, k.shape[2], nQ, nK, device=q.device)
-        return ops.select_blocks(scores, **geometry)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None,
-                return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Exact attention over the selected blocks: (o [B, N, Hq, D], lse [B, Hq, N] or None)."""
-        out = ops.block_sparse_attention(q, k, v, block_idx, block_size=self.block_size,
-                                         query_block=self.query_block, return_lse=return_lse,
-                                         cu_seqlens=cu_seqlens, impl=self.impl)
-        return out if return_lse else (out, None)
+    # The geometry, read from the Selection (read-only: the layer built its own Selection from it).
+    mode = property(lambda self: self.selection.mode)
+    block_size = property(lambda self: self.selection.block_size)
+    query_block = property(lambda self: self.selection.query_block)
+    local_blocks = property(lambda self: self.selection.local_blocks)
+    sink_blocks = property(lambda self: self.selection.sink_blocks)
+    topk = property(lambda self: self.selection.k, doc="Blocks per query (block): ``topk``, or the window's forced "
+                                                       "blocks in ``window`` mode.")
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, block_size={self.block_size}, topk={self.topk}, query_block={self.query_block}, "

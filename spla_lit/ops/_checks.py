@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..options import check_choice, check_positive_int  # noqa: F401  (re-exported for the ops)
+from ..options import Selection, check_choice, check_positive_int  # noqa: F401  (re-exported for the ops)
 from .utils import sequence_segments
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -79,6 +79,13 @@ def check_block_idx(
     if block_idx.device != device:
         raise ValueError(f"block_idx is on {block_idx.device} but the inputs are on {device}")
     return block_idx
+
+
+def check_selection(selection: object) -> Selection:
+    """``selection`` must be a :class:`~spla_lit.options.Selection` (validated when it was built)."""
+    if not isinstance(selection, Selection):
+        raise ValueError(f"selection must be a spla_lit.options.Selection, got {type(selection).__name__}")
+    return selection
 
 
 def check_query_block(query_block: int, block_size: int) -> None:

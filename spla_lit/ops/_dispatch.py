@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from functools import cache
 
 import torch
@@ -58,11 +59,35 @@ def use_triton(impl: str, op: str, *tensors: torch.Tensor) -> bool:
     return has_kernel and all(t.is_cuda for t in tensors)
 
 
+class ReferenceFallbackWarning(RuntimeWarning):
+    """A Triton kernel declined its arguments on CUDA and the (slower, often O(N^2)-memory) PyTorch reference
+    ran instead."""
+
+
+_warned: set[tuple[str, str]] = set()  # (op, reason) pairs already reported by warn_fallback
+
+
+def _on_cuda(args: tuple, kwargs: dict) -> bool:
+    """Whether any tensor argument lives on a CUDA device (the only place a decline costs anything)."""
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in (*args, *kwargs.values()))
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Warn once per ``(op, reason)`` that ``spla_kernels.<op>`` declined and the reference runs instead."""
+    if (op, reason) in _warned:
+        return
+    _warned.add((op, reason))
+    warnings.warn(f"spla_kernels.{op} declined these arguments ({reason}); running the PyTorch reference instead, "
+                  "which is slower and may need O(N^2) memory (warned once per reason)",
+                  ReferenceFallbackWarning, stacklevel=3)
+
+
 @torch.compiler.disable
 def run_kernel(impl: str, op: str, *args, **kwargs):
     """Call ``spla_kernels.<op>``; None when the kernel is unavailable or declines these arguments
     (``NotImplementedError``, e.g. ``query_block > 1`` or a feature dim it has no tile for) and ``impl`` is
-    not a forced ``"triton"``, so the caller falls back to its reference.
+    not a forced ``"triton"``, so the caller falls back to its reference. A decline on CUDA tensors warns
+    (:class:`ReferenceFallbackWarning`, once per op and reason).
 
     Under ``torch.compile`` the call runs as it is, between compiled graphs (one reported graph break):
     traced, Inductor would recompile the kernels with its own argument typing, and their index building
@@ -75,7 +100,9 @@ def run_kernel(impl: str, op: str, *args, **kwargs):
         return None
     try:
         return fn(*args, **kwargs)
-    except NotImplementedError:
+    except NotImplementedError as e:
         if impl == "triton":
             raise
+        if _on_cuda(args, kwargs):
+            warn_fallback(op, str(e) or "not implemented")
         return None

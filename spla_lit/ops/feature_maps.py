@@ -1,4 +1,8 @@
-"""Feature maps ``phi`` for the residual linear attention, applied per head to ``[..., D]`` vectors."""
+"""Feature maps ``phi`` for the residual linear attention, applied per head to ``[..., D]`` vectors.
+
+The names come from ``spla_lit.options.FEATURE_MAPS`` (the option list); :data:`FEATURE_MAPS` here maps each
+to its function (tests/ops check that the keys are exactly that list).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import options
 from ..options import POSITIVE_FEATURE_MAPS, check_choice  # noqa: F401  (re-exported)
 
 
@@ -49,10 +54,11 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """Look up a feature map by name: elu1, relu, softmax, identity or taylor."""
-    check_choice("feature_map", name, tuple(FEATURE_MAPS))
+    check_choice("feature_map", name, options.FEATURE_MAPS)
     return FEATURE_MAPS[name]
 
 
 def feature_dim(name: str, head_dim: int) -> int:
-    check_choice("feature_map", name, tuple(FEATURE_MAPS))
+    """Width F of ``feature_map(name)`` applied to ``head_dim``-wide vectors."""
+    check_choice("feature_map", name, options.FEATURE_MAPS)
     return 1 + head_dim + head_dim * head_dim if name == "taylor" else head_dim

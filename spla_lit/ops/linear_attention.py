@@ -1,4 +1,4 @@
-"""Linear attention pieces of SPLA (design note, section 4).
+"""Linear attention pieces of SPLA (``docs/spla.md`` §4).
 
 The residual linear attention (RLA) of query i is linear attention over the causal keys its selection
 left out. By subtraction it never reads them::
@@ -24,8 +24,7 @@ from ._checks import (
 )
 from ._dispatch import run_kernel, use_triton
 from .blocks import selected_causal_counts, selected_key_mask, union_tiles
-from .sparse_attention import _group_heads, _ungroup_heads, acc_dtype
-from .utils import cdiv
+from .utils import acc_dtype, cdiv, group_heads, ungroup_heads
 
 
 def _append_ones(v: torch.Tensor) -> torch.Tensor:
@@ -58,7 +57,7 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     C = min(chunk_size, N)
     nC = cdiv(N, C)
     pad = nC * C - N
-    qh = torch.nn.functional.pad(_group_heads(phi_q, Hkv, dt), (0, 0, 0, pad))  # [B, Hkv, G, Np, F]
+    qh = torch.nn.functional.pad(group_heads(phi_q, Hkv, dt), (0, 0, 0, pad))  # [B, Hkv, G, Np, F]
     kh = torch.nn.functional.pad(phi_k.to(dt).transpose(1, 2), (0, 0, 0, pad))  # [B, Hkv, Np, F]
     vh = torch.nn.functional.pad(v.to(dt).transpose(1, 2), (0, 0, 0, pad))  # zero padding adds nothing
     G, Dv = qh.shape[2], vh.shape[-1]
@@ -72,7 +71,7 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     causal = torch.ones(C, C, dtype=torch.bool, device=phi_q.device).tril()
     intra = ((qc @ kc[:, :, None].transpose(-1, -2)) * causal) @ vc[:, :, None]
     o = (inter + intra).reshape(B, Hkv, G, nC * C, Dv)[..., :N, :]
-    return _ungroup_heads(o)
+    return ungroup_heads(o)
 
 
 def _check_selection_args(phi_q, phi_k, v, block_idx, block_size: int, query_block: int,
@@ -218,7 +217,7 @@ def explicit_residual_linear_attention(
     dt = acc_dtype(phi_q)
     causal = torch.ones(N, N, dtype=torch.bool, device=phi_q.device).tril()
     unselected = causal & ~selected_key_mask(block_idx, N, block_size, query_block)  # [B, Hkv, N, N]
-    qh, kh, vh = (_group_heads(x, Hkv, dt) for x in (phi_q, phi_k, v))
+    qh, kh, vh = (group_heads(x, Hkv, dt) for x in (phi_q, phi_k, v))
     a = (qh @ kh.transpose(-1, -2)) * unselected[:, :, None]
-    r = _ungroup_heads(a @ vh)
+    r = ungroup_heads(a @ vh)
     return _finish_residual(r, unselected.any(-1), normalize and not return_normalizer, eps)

@@ -1,6 +1,6 @@
 """Block scoring: estimate each key block's attention mass for each query (block).
 
-``taylor2`` is the second-order (cumulant) estimate of the design note, section 1::
+``taylor2`` is the second-order (cumulant) estimate of ``docs/spla.md`` §1::
 
     log m_b(q) ~= log|b| + scale * q.mu_b + scale^2 / 2 * q^T Sigma_b q
 
@@ -14,23 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..options import COVARIANCES, HEAD_REDUCTIONS, SCORERS
-from ._checks import (
-    check_choice,
-    check_cu_seqlens,
-    check_positive_int,
-    check_qk,
-    check_query_block,
-)
+from ..options import Selection
+from ._checks import check_cu_seqlens, check_positive_int, check_qk, check_selection
 from .blocks import visible_blocks
-from .utils import cdiv
-
-
-def _heads_first(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, N, H, D] -> [B, Hkv, G, N, D] in float32 (float64 stays float64)."""
-    B, N, H, D = x.shape
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.to(dt).view(B, N, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)
+from .utils import cdiv, group_heads
 
 
 def _pad_blocks(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +61,7 @@ def _taylor_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale
                      covariance: str, rank: int) -> torch.Tensor:
     """Per-token, per-head estimated log-mass [B, Hkv, G, N, nK] (no causal masking)."""
     Hkv = k.shape[2]
-    qh = _heads_first(q, Hkv)  # [B, Hkv, G, N, D]
+    qh = group_heads(q, Hkv)  # [B, Hkv, G, N, D]
     count, mean, second = block_key_stats(k, block_size, covariance if order == 2 else None, rank)
     lm = count.log() + scale * torch.einsum("bhgnd,bhkd->bhgnk", qh, mean)
     if order == 1:
@@ -98,7 +85,7 @@ def _taylor_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale
 def _oracle_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:
     """Exact causal block log-mass logsumexp_{j in b, j <= i} s_ij, [B, Hkv, G, N, nK]."""
     Hkv = k.shape[2]
-    qh = _heads_first(q, Hkv)
+    qh = group_heads(q, Hkv)
     kh = k.to(qh.dtype).transpose(1, 2)
     N = q.shape[1]
     s = scale * torch.einsum("bhgnd,bhmd->bhgnm", qh, kh)
@@ -123,7 +110,7 @@ def _reduce_query_blocks(lm: torch.Tensor, query_block: int, *, log_mean_exp: bo
         x = torch.nn.functional.pad(lm, (0, 0, 0, pad), value=float("-inf"))
         x = x.view(*lm.shape[:-2], nQ, query_block, lm.shape[-1]).logsumexp(-2)
         return x - counts.log()[:, None]
-    # Mean log-mass: the linear aggregation of the design note, cheap in a kernel.
+    # Mean log-mass: the linear aggregation of docs/spla.md §1, cheap in a kernel.
     x = torch.nn.functional.pad(lm, (0, 0, 0, pad))
     return x.view(*lm.shape[:-2], nQ, query_block, lm.shape[-1]).sum(-2) / counts[:, None]
 
@@ -131,27 +118,20 @@ def _reduce_query_blocks(lm: torch.Tensor, query_block: int, *, log_mean_exp: bo
 def block_scores(
     q: torch.Tensor,
     k: torch.Tensor,
+    selection: Selection,
     *,
-    block_size: int,
-    query_block: int = 1,
-    scorer: str = "taylor2",
-    covariance: str = "diag",
-    rank: int = 4,
-    head_reduce: str = "lse",
-    scale: float | None = None,
     generator: torch.Generator | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Score every key block for every query (block).
+    """Score every key block for every query (block) with ``selection``'s scorer.
 
     Args:
         q: [B, N, Hq, D]; k: [B, N, Hkv, D], ``Hq % Hkv == 0``.
-        block_size: tokens per key block. query_block: tokens per query block; 1 (the default) keeps
-            selection causal at token level; > 1 shares one selection computed from all queries of the
-            block (later queries then steer what earlier ones see: a speed option, not causal).
-        scorer: ``taylor2`` | ``taylor1`` | ``random`` | ``oracle``.
-        covariance: for taylor2, ``diag`` | ``full`` | ``lowrank`` (top-``rank`` eigenpairs).
-        head_reduce: how the G query heads of a KV head are combined: ``lse`` (total mass), ``max``, ``mean``.
+        selection: reads ``block_size``, ``query_block`` (1 keeps selection causal at token level; > 1 shares
+            one selection computed from all queries of the block, so later queries steer what earlier ones
+            see: a speed option, not causal), ``scorer`` (``taylor2`` | ``taylor1`` | ``random`` | ``oracle``),
+            ``covariance`` and ``rank`` (taylor2), ``head_reduce`` (how the G query heads of a KV head are
+            combined: ``lse``, their total mass, ``max`` or ``mean``) and ``scale``.
         generator: RNG for ``random``.
         cu_seqlens: int [S + 1] boundaries of packed sequences (B == 1, query_block == 1): blocks restart
             at each sequence start and scores cover only the token's own sequence.
@@ -161,38 +141,31 @@ def block_scores(
         causally visible. Packed: [1, Hkv, N, max_s nK_s] with local block indices. Not differentiable.
     """
     B, N, Hq, Hkv, D = check_qk(q, k)
-    check_query_block(query_block, block_size)
-    check_choice("scorer", scorer, SCORERS)
-    check_choice("covariance", covariance, COVARIANCES)
-    check_choice("head_reduce", head_reduce, HEAD_REDUCTIONS)
-    check_positive_int("rank", rank)
-    if scale is None:
-        scale = D**-0.5
+    sel = check_selection(selection)
     if cu_seqlens is not None:
-        segments = check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
-        parts = [block_scores(q[:, s:e], k[:, s:e], block_size=block_size, scorer=scorer, covariance=covariance,
-                              rank=rank, head_reduce=head_reduce, scale=scale, generator=generator)
-                 for s, e in segments]
+        segments = check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=sel.query_block)
+        parts = [block_scores(q[:, s:e], k[:, s:e], sel, generator=generator) for s, e in segments]
         width = max(p.shape[-1] for p in parts)
         parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=float("-inf")) for p in parts]
         return torch.cat(parts, dim=2)
-    nK, nQ = cdiv(N, block_size), cdiv(N, query_block)
-    visible = visible_blocks(nQ, nK, query_block, block_size, q.device)
+    bs, qb = sel.block_size, sel.query_block
+    scale = D**-0.5 if sel.scale is None else sel.scale
+    nK, nQ = cdiv(N, bs), cdiv(N, qb)
+    visible = visible_blocks(nQ, nK, qb, bs, q.device)
     with torch.no_grad():
         q, k = q.detach(), k.detach()
-        if scorer == "random":
+        if sel.scorer == "random":
             s = torch.rand(B, Hkv, nQ, nK, generator=generator, device=q.device, dtype=torch.float32)
         else:
-            if scorer == "oracle":
-                lm = _oracle_log_mass(q, k, block_size=block_size, scale=scale)
+            if sel.scorer == "oracle":
+                lm = _oracle_log_mass(q, k, block_size=bs, scale=scale)
             else:
-                lm = _taylor_log_mass(q, k, block_size=block_size, scale=scale,
-                                      order=1 if scorer == "taylor1" else 2,
-                                      covariance=covariance, rank=rank)
-            lm = _reduce_query_blocks(lm, query_block, log_mean_exp=scorer == "oracle")
-            if head_reduce == "lse":
+                lm = _taylor_log_mass(q, k, block_size=bs, scale=scale, order=1 if sel.scorer == "taylor1" else 2,
+                                      covariance=sel.covariance, rank=sel.rank)
+            lm = _reduce_query_blocks(lm, qb, log_mean_exp=sel.scorer == "oracle")
+            if sel.head_reduce == "lse":
                 s = lm.logsumexp(2)
-            elif head_reduce == "max":
+            elif sel.head_reduce == "max":
                 s = lm.amax(2)
             else:
                 s = lm.mean(2)

@@ -1,4 +1,4 @@
-"""Exact softmax attention over selected key blocks (design note, section 3)."""
+"""Exact softmax attention over selected key blocks (``docs/spla.md`` §3)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,7 @@ import torch
 from ._checks import check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
 from ._dispatch import run_kernel, use_triton
 from .blocks import selected_key_mask
-from .utils import cdiv
-
-
-def _group_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, N, H, D] -> [B, Hkv, G, N, D]; query head h belongs to KV head h // G."""
-    B, N, H, D = x.shape
-    return x.to(dtype).view(B, N, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)
-
-
-def _ungroup_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, G, N, D] -> [B, N, Hkv * G, D]."""
-    B, Hkv, G, N, D = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(B, N, Hkv * G, D)
-
-
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64 (for gradcheck), everything else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .utils import acc_dtype, cdiv, group_heads, ungroup_heads
 
 
 def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -33,13 +16,13 @@ def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     accumulation dtype, lse [B, Hq, N]). Rows must have at least one allowed key."""
     Hkv = k.shape[2]
     dt = acc_dtype(q)
-    qh, kh, vh = _group_heads(q, Hkv, dt), _group_heads(k, Hkv, dt), _group_heads(v, Hkv, dt)
+    qh, kh, vh = group_heads(q, Hkv, dt), group_heads(k, Hkv, dt), group_heads(v, Hkv, dt)
     s = scale * qh @ kh.transpose(-1, -2)  # [B, Hkv, G, N, N]
     s = s.masked_fill(~mask[:, :, None], float("-inf"))
     lse = s.logsumexp(-1)
     o = torch.exp(s - lse[..., None]) @ vh
     B, _, G, N = lse.shape
-    return _ungroup_heads(o), lse.reshape(B, Hkv * G, N)
+    return ungroup_heads(o), lse.reshape(B, Hkv * G, N)
 
 
 def block_sparse_attention(

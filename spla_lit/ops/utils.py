@@ -1,5 +1,6 @@
 """Shape helpers shared by the ops, the layers and the Triton launchers (``spla_kernels``): integer
-arithmetic and the bookkeeping of packed sequences (``cu_seqlens``, flash-attn convention)."""
+arithmetic, the accumulation dtype, the grouped-query head layout, and the bookkeeping of packed sequences
+(``cu_seqlens``, flash-attn convention)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(x: int) -> int:
     """Smallest power of two ``>= max(1, x)`` (Triton block shapes must be powers of two)."""
     return 1 << (max(1, int(x)) - 1).bit_length()
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (for gradient checks), everything else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def group_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[B, N, H, D] -> [B, Hkv, G, N, D]`` (a view when no cast is needed); query head ``h`` belongs to KV
+    head ``h // G``. ``dtype`` defaults to :func:`acc_dtype`."""
+    B, N, H, D = x.shape
+    return x.to(dtype or acc_dtype(x)).view(B, N, kv_heads, H // kv_heads, D).permute(0, 2, 3, 1, 4)
+
+
+def ungroup_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, G, N, D] -> [B, N, Hkv * G, D]``, the inverse of :func:`group_heads`."""
+    B, Hkv, G, N, D = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(B, N, Hkv * G, D)
 
 
 def sequence_segments(cu_seqlens: torch.Tensor | None, *, batch: int, n: int,

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import ConfigError, validate_config
+from ..config import ConfigError, uses_spla, validate_config
 from .callbacks import CompileReport
 from .checkpoint_io import AtomicCheckpointIO
 from .compile import CompileOptions
@@ -38,7 +38,7 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
     attention = str(OmegaConf.select(cfg, "model.attention._target_", default="")).rsplit(".", 1)[-1]
     summary: dict[str, Any] = {"attention": attention, "seed": cfg.seed, "seq_len": cfg.data.seq_len,
                                "lr": OmegaConf.select(cfg, "optim.lr")}
-    if attention == "SPLAAttention":
+    if uses_spla(cfg):
         for key in ("scorer.method", "scorer.covariance", "sparse.mode", "sparse.block_size", "sparse.topk",
                     "sparse.query_block"):
             summary[key] = OmegaConf.select(cfg, key)

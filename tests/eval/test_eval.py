@@ -32,6 +32,7 @@ from spla_lit.eval.ruler import check_disjoint, heldout_seed, ruler_seed
 from spla_lit.eval.runner import evaluate
 from spla_lit.eval.sweep import collect, eval_config, find_jobs
 from spla_lit.layers import BlockScorer, BlockSparseAttention, ResidualLinearAttention, SPLAAttention
+from spla_lit.options import Selection
 from spla_lit.training.run import train
 
 TASKS = "[niah_single,variable_tracking]"
@@ -160,8 +161,7 @@ def test_fidelity_known_case_by_hand():
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])
     q = torch.ones(1, 4, 1, 1, dtype=torch.float64)
     k = w.log().double().view(1, 4, 1, 1)
-    sparse = BlockSparseAttention(block_size=1, topk=2)
-    oracle = oracle_selection(q, k, sparse)
+    oracle = oracle_selection(q, k, Selection(block_size=1, topk=2))
     # forced: the token itself; free pick: the heaviest earlier block
     assert oracle[0, 0].tolist() == [[0, -1], [0, 1], [1, 2], [2, 3]]
     selected = torch.tensor([[[[0, -1], [0, 1], [0, 2], [1, 3]]]], dtype=torch.int32)

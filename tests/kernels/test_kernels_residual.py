@@ -104,12 +104,12 @@ def test_spla_attention_triton_residual_bf16_packed():
     q, k, v = (torch.randn(1, 90, h, 16, generator=g).bfloat16().requires_grad_() for h in (4, 2, 2))
     cu = torch.tensor([0, 41, 90], dtype=torch.int32)
     gate = torch.rand(1, 90, 4, generator=g)
-    kw = dict(block_size=16, topk=2, normalize=True, gate=gate, cu_seqlens=cu, return_aux=True)
+    kw = dict(normalize=True, gate=gate, cu_seqlens=cu, return_aux=True)
     outs, grads = [], []
     for impl in ("reference", "triton"):
-        o, aux = ops.spla_attention(q, k, v, impl=impl, **kw)
-        outs.append((o, aux["residual"]))
-        grads.append(torch.autograd.grad(o.float().square().sum() + aux["residual"].square().sum(), (q, k, v)))
+        o, aux = ops.spla_attention(q, k, v, ops.Selection(block_size=16, topk=2), impl=impl, **kw)
+        outs.append((o, aux.residual))
+        grads.append(torch.autograd.grad(o.float().square().sum() + aux.residual.square().sum(), (q, k, v)))
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(outs[1][0].float(), outs[0][0].float(), rtol=2e-2, atol=2e-2)
     for g_t, g_r in zip(grads[1], grads[0]):

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 from poison import PoisonTorch  # noqa: E402
 
-from spla_lit.ops import block_scores, score_and_select, select_blocks  # noqa: E402
+from spla_lit.ops import Selection, block_scores, score_and_select, select_blocks  # noqa: E402
 
 sel = pytest.importorskip("spla_kernels.select")
 
@@ -52,12 +52,11 @@ def _check(B, N, Hq, Hkv, D, dtype, *, block_size, topk, local_blocks=1, sink_bl
     q = torch.randn(B, N, Hq, D, generator=g).to(dtype)
     k = (torch.randn(B, N, Hkv, D, generator=g) * torch.rand(D, generator=g) * 2).to(dtype)  # uneven variances
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    kw = dict(block_size=block_size, scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce,
-              cu_seqlens=cu_t)
-    got = sel.select_blocks_fused(q, k, topk=topk, local_blocks=local_blocks, sink_blocks=sink_blocks, **kw)
-    scores = block_scores(q, k, **kw)
-    ref = select_blocks(scores, topk=topk, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
-                        cu_seqlens=cu_t)
+    selection = Selection(block_size=block_size, topk=topk, local_blocks=local_blocks, sink_blocks=sink_blocks,
+                          scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce)
+    got = sel.select_blocks_fused(q, k, selection, cu_seqlens=cu_t)
+    scores = block_scores(q, k, selection, cu_seqlens=cu_t)
+    ref = select_blocks(scores, selection, cu_seqlens=cu_t)
     _assert_same_selection(got, ref, scores, topk)
     return got
 
@@ -95,17 +94,19 @@ def test_packed_odd_group_padding():
 def test_dispatch_through_op():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 96, 2, 16, generator=g), torch.randn(1, 96, 1, 16, generator=g)
-    kw = dict(block_size=8, topk=4, scorer="taylor2", covariance="diag")
-    got = score_and_select(q, k, impl="triton", **kw)
-    ref = score_and_select(q, k, impl="reference", **kw)
+    selection = Selection(block_size=8, topk=4, scorer="taylor2", covariance="diag")
+    got = score_and_select(q, k, selection, impl="triton")
+    ref = score_and_select(q, k, selection, impl="reference")
     assert torch.equal(got, ref)
 
 
 def test_unsupported_and_invalid():
     q, k = torch.randn(1, 32, 2, 16), torch.randn(1, 32, 1, 16)
     with pytest.raises(NotImplementedError):
-        sel.select_blocks_fused(q, k, block_size=8, topk=2, query_block=8)
+        sel.select_blocks_fused(q, k, Selection(block_size=8, topk=2, query_block=8))
     with pytest.raises(NotImplementedError):
-        sel.select_blocks_fused(q, k, block_size=8, topk=2, scorer="oracle")
+        sel.select_blocks_fused(q, k, Selection(block_size=8, topk=2, scorer="oracle"))
+    with pytest.raises(NotImplementedError):
+        sel.select_blocks_fused(q, k, Selection(block_size=8, mode="window"))
     with pytest.raises(ValueError, match="forced"):
-        sel.select_blocks_fused(q, k, block_size=8, topk=2, local_blocks=2, sink_blocks=1)
+        Selection(block_size=8, topk=2, local_blocks=2, sink_blocks=1)

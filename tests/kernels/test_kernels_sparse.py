@@ -118,7 +118,7 @@ def test_tile_configs_agree(monkeypatch, rows, window):
     cfg = S.SparseConfig(fwd_rows=rows, dq_rows=rows, dkv_rows=rows, window=window)
     monkeypatch.setattr(S, "CONFIGS", {"sparse": cfg, "fused": cfg})
     q, k, v, pq, pk = _inputs(1, 48, 8, 2, 16, torch.float32, 7 + rows)
-    idx = ops.score_and_select(q, k, block_size=16, topk=2, impl="reference")  # a real scorer's selection
+    idx = ops.score_and_select(q, k, ops.Selection(block_size=16, topk=2), impl="reference")  # a real selection
     _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.float32, 3)
 
 
@@ -218,10 +218,10 @@ def test_spla_attention_triton_path_matches_reference(combine, normalize):
     torch.manual_seed(11)
     q, k, v = (torch.randn(1, 70, h, 16, dtype=torch.float32, requires_grad=True) for h in (4, 2, 2))
     gate = torch.rand(1, 70, 4)
-    kw = dict(block_size=16, topk=2, combine=combine, normalize=normalize, gate=gate if combine == "add" else 1.0)
+    kw = dict(combine=combine, normalize=normalize, gate=gate if combine == "add" else None)
     outs, grads = [], []
     for impl in ("reference", "triton"):
-        o = ops.spla_attention(q, k, v, impl=impl, **kw)
+        o = ops.spla_attention(q, k, v, ops.Selection(block_size=16, topk=2), impl=impl, **kw)
         outs.append(o)
         grads.append(torch.autograd.grad(o.square().sum(), (q, k, v)))
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-4, atol=2e-4)

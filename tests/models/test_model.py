@@ -12,12 +12,13 @@ from hydra_utils import make_cfg
 from spla_lit.layers import DenseAttention
 
 CONFIGS = (
-    [["model=dense"], ["model=linear"], ["model=sparse"]]
+    [["model=dense"], ["model=linear"]]
     + [["model=spla", f"scorer={s}", f"rla={r}"]
        for s, r in itertools.product(["taylor2", "taylor1", "random", "oracle"], ["subtract", "explicit", "none"])]
     + [["model=spla", "sparse=window"], ["model=spla", "rla.combine=joint"], ["model=spla", "scorer.covariance=full"],
        ["model=spla", "scorer.covariance=lowrank"], ["model=spla", "rla.feature_map=taylor"],
-       ["model=spla", "sparse.sink_blocks=1"]]
+       ["model=spla", "sparse.sink_blocks=1"], ["model=spla", "sparse=window", "rla=none"],
+       ["model=spla", "sparse=window", "rla.combine=joint"], ["model=spla", "rla.norm=false"]]
 )
 SMALL = ["model.d_model=32", "model.n_layers=2", "sparse.block_size=4", "sparse.topk=3", "data.vocab_size=64"]
 
@@ -65,7 +66,7 @@ def test_zero_gate_spla_equals_pure_sparse_attention():
     """With the RLA gate at its zero init, a converted model computes exactly the sparse attention."""
     torch.manual_seed(0)
     spla = instantiate(make_cfg(SMALL + ["model=spla"]).model).eval()
-    sparse = instantiate(make_cfg(SMALL + ["model=sparse"]).model).eval()
+    sparse = instantiate(make_cfg(SMALL + ["model=spla", "rla=none"]).model).eval()
     missing, unexpected = sparse.load_state_dict(spla.state_dict(), strict=False)
     assert not missing and all(".rla." in k for k in unexpected)
     x = torch.randint(0, 64, (2, 29))
@@ -76,7 +77,7 @@ def test_zero_gate_spla_equals_pure_sparse_attention():
 def test_all_blocks_selected_equals_dense_attention():
     torch.manual_seed(0)
     dense = instantiate(make_cfg(SMALL + ["model=dense"]).model).eval()
-    sparse = instantiate(make_cfg(SMALL + ["model=sparse", "sparse.topk=16"]).model).eval()
+    sparse = instantiate(make_cfg(SMALL + ["rla=none", "sparse.topk=16"]).model).eval()
     sparse.load_state_dict(dense.state_dict(), strict=False)
     x = torch.randint(0, 64, (2, 40))  # 10 blocks of 4 <= topk
     with torch.no_grad():

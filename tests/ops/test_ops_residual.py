@@ -17,6 +17,7 @@ from reference import (
 
 from spla_lit.ops import (
     FEATURE_MAPS,
+    Selection,
     causal_linear_attention,
     explicit_residual_linear_attention,
     feature_dim,
@@ -137,7 +138,7 @@ def test_all_blocks_selected_residual_is_exactly_zero(fn, mode, kwargs, B, N, Hq
     assert torch.count_nonzero(r) == 0
     # The -1 padded selection of every visible block (what select_blocks returns) also leaves nothing.
     if query_block == 1:
-        idx2 = score_and_select(q, k, block_size=block_size, topk=cdiv(N, block_size) + 1)
+        idx2 = score_and_select(q, k, Selection(block_size=block_size, topk=cdiv(N, block_size) + 1))
         assert torch.count_nonzero(fn(q, k, v, idx2, block_size=block_size, **kwargs)) == 0
 
 
@@ -189,7 +190,7 @@ def test_subtract_equals_explicit(mode, kwargs, positive):
     B, N, Hq, Hkv, bs = 2, 45, 4, 2, 4
     for seed in range(3):
         q, k, v = _features(B, N, Hq, Hkv, 8, seed=seed, positive=positive)
-        idx = score_and_select(q, k, block_size=bs, topk=3, scorer="taylor2")
+        idx = score_and_select(q, k, Selection(block_size=bs, topk=3, scorer="taylor2"))
         a = residual_linear_attention(q, k, v, idx, block_size=bs, **kwargs)
         b = explicit_residual_linear_attention(q, k, v, idx, block_size=bs, **kwargs)
         assert_close(a, b, rtol=1e-4, atol=_scaled_atol(b, torch.float32))
@@ -298,7 +299,7 @@ def test_selected_linear_attention_prefix_is_causal_to_rounding():
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for x in (q2, k2, v2):
         x[:, i + 1:] = 3 * torch.randn(x[:, i + 1:].shape, generator=g)
-    idx, idx2 = (score_and_select(a, b, block_size=bs, topk=3) for a, b in ((q, k), (q2, k2)))
+    idx, idx2 = (score_and_select(a, b, Selection(block_size=bs, topk=3)) for a, b in ((q, k), (q2, k2)))
     assert torch.equal(idx[:, :, : i + 1], idx2[:, :, : i + 1])  # selection itself is causal
     relu = feature_map("relu")
     s1 = selected_linear_attention(relu(q), relu(k), v, idx, block_size=bs)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from reference import rand_qkv, repeat_kv
 
-from spla_lit.ops import block_key_stats, block_scores, exact_block_log_mass, score_and_select
+from spla_lit.ops import Selection, block_key_stats, block_scores, exact_block_log_mass, score_and_select
 from spla_lit.ops.utils import cdiv
 
 SCORERS = ["taylor2", "taylor1", "random", "oracle"]
 
 
 def _taylor_by_hand(q, k, block_size, order, scale=None):
-    """Per-head, per-token estimated log-mass [B, Hq, N, nK] (float64, no masking), design note section 1:
+    """Per-head, per-token estimated log-mass [B, Hq, N, nK] (float64, no masking), `docs/spla.md` §1:
     ``log|b| + scale q.mu_b + scale^2 / 2 q^T Sigma_b q`` with the population covariance of the block."""
     B, N, Hq, D = q.shape
     G = Hq // k.shape[2]
@@ -68,7 +68,7 @@ def _visible(N, block_size, query_block):
 def test_taylor_matches_formula_by_hand(order, head_reduce, B, N, Hq, Hkv, D, block_size):
     q, k, _ = rand_qkv(B, N, Hq, Hkv, D, seed=N * 10 + order)
     scorer = "taylor2" if order == 2 else "taylor1"
-    s = block_scores(q, k, block_size=block_size, scorer=scorer, covariance="full", head_reduce=head_reduce)
+    s = block_scores(q, k, Selection(block_size=block_size, scorer=scorer, covariance="full", head_reduce=head_reduce))
     assert s.dtype == torch.float32 and s.shape == (B, Hkv, N, cdiv(N, block_size))
     ref = _reduce_heads(_taylor_by_hand(q, k, block_size, order), Hkv, head_reduce)
     i = torch.arange(N)[:, None]
@@ -81,7 +81,7 @@ def test_taylor_matches_formula_by_hand(order, head_reduce, B, N, Hq, Hkv, D, bl
 
 def test_taylor_custom_scale():
     q, k, _ = rand_qkv(1, 16, 2, 1, 4, seed=3)
-    s = block_scores(q, k, block_size=4, scorer="taylor2", covariance="full", scale=0.3)
+    s = block_scores(q, k, Selection(block_size=4, scorer="taylor2", covariance="full", scale=0.3))
     ref = _reduce_heads(_taylor_by_hand(q, k, 4, 2, scale=0.3), 1)
     past = (torch.arange(4)[None, :] + 1) * 4 <= torch.arange(16)[:, None]
     torch.testing.assert_close(s[..., past].double(), ref[..., past], rtol=1e-5, atol=1e-5)
@@ -100,16 +100,16 @@ def test_taylor2_sees_spread_along_query_taylor1_does_not():
     k = torch.cat([block0, block1, block2])[None, :, None]  # [1, 12, 1, D]
     q = (3.0 * e0 + 0.1 * torch.randn(N, D, generator=torch.Generator().manual_seed(1)))[None, :, None]
     rows = slice(8, 12)  # queries in block 2 see blocks 0 and 1 entirely
-    t1 = block_scores(q, k, block_size=bs, scorer="taylor1")[0, 0, rows]
+    t1 = block_scores(q, k, Selection(block_size=bs, scorer="taylor1"))[0, 0, rows]
     torch.testing.assert_close(t1[:, 0], t1[:, 1], rtol=0, atol=1e-6)
     for cov in ("diag", "full", "lowrank"):
-        t2 = block_scores(q, k, block_size=bs, scorer="taylor2", covariance=cov, rank=2)[0, 0, rows]
+        t2 = block_scores(q, k, Selection(block_size=bs, scorer="taylor2", covariance=cov, rank=2))[0, 0, rows]
         assert (t2[:, 0] > t2[:, 1] + 0.5).all(), cov
-    orc = block_scores(q, k, block_size=bs, scorer="oracle")[0, 0, rows]
+    orc = block_scores(q, k, Selection(block_size=bs, scorer="oracle"))[0, 0, rows]
     assert (orc[:, 0] > orc[:, 1] + 0.5).all()
     # and the selection follows: with room for one extra block, taylor2 takes block 0, like the oracle.
-    sel2 = score_and_select(q, k, block_size=bs, topk=2, scorer="taylor2")[0, 0, rows]
-    sel_o = score_and_select(q, k, block_size=bs, topk=2, scorer="oracle")[0, 0, rows]
+    sel2 = score_and_select(q, k, Selection(block_size=bs, topk=2, scorer="taylor2"))[0, 0, rows]
+    sel_o = score_and_select(q, k, Selection(block_size=bs, topk=2, scorer="oracle"))[0, 0, rows]
     assert (sel2 == torch.tensor([0, 2], dtype=torch.int32)).all()
     assert torch.equal(sel2, sel_o)
 
@@ -136,13 +136,13 @@ def test_diag_equals_full_when_block_covariance_is_diagonal():
     _, _, cov = block_key_stats(k, bs, "full")
     off = cov - torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
     assert off.abs().max() < 1e-6  # the construction really is diagonal
-    diag = block_scores(q, k, block_size=bs, scorer="taylor2", covariance="diag")
-    full = block_scores(q, k, block_size=bs, scorer="taylor2", covariance="full")
+    diag = block_scores(q, k, Selection(block_size=bs, scorer="taylor2", covariance="diag"))
+    full = block_scores(q, k, Selection(block_size=bs, scorer="taylor2", covariance="full"))
     torch.testing.assert_close(diag, full, rtol=1e-5, atol=1e-5)
     # and on generic keys they differ (the test above is not vacuous)
     q2, k2, _ = rand_qkv(1, 40, 4, 2, D, seed=1)
-    d2 = block_scores(q2, k2, block_size=bs, scorer="taylor2", covariance="diag")
-    f2 = block_scores(q2, k2, block_size=bs, scorer="taylor2", covariance="full")
+    d2 = block_scores(q2, k2, Selection(block_size=bs, scorer="taylor2", covariance="diag"))
+    f2 = block_scores(q2, k2, Selection(block_size=bs, scorer="taylor2", covariance="full"))
     fin = torch.isfinite(f2)
     assert (d2[fin] - f2[fin]).abs().max() > 1e-3
 
@@ -150,14 +150,14 @@ def test_diag_equals_full_when_block_covariance_is_diagonal():
 @pytest.mark.parametrize(("N", "D", "block_size"), [(24, 4, 6), (29, 8, 8)])
 def test_lowrank_full_rank_equals_full(N, D, block_size):
     q, k, _ = rand_qkv(2, N, 4, 2, D, seed=N)
-    full = block_scores(q, k, block_size=block_size, scorer="taylor2", covariance="full")
-    low = block_scores(q, k, block_size=block_size, scorer="taylor2", covariance="lowrank", rank=D)
+    full = block_scores(q, k, Selection(block_size=block_size, scorer="taylor2", covariance="full"))
+    low = block_scores(q, k, Selection(block_size=block_size, scorer="taylor2", covariance="lowrank", rank=D))
     torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5)
     # a larger rank than D is clipped to D
-    low2 = block_scores(q, k, block_size=block_size, scorer="taylor2", covariance="lowrank", rank=3 * D)
+    low2 = block_scores(q, k, Selection(block_size=block_size, scorer="taylor2", covariance="lowrank", rank=3 * D))
     torch.testing.assert_close(low2, full, rtol=1e-5, atol=1e-5)
     # truncating keeps non-negative eigenvalues only: a lower rank never scores above full
-    low1 = block_scores(q, k, block_size=block_size, scorer="taylor2", covariance="lowrank", rank=1)
+    low1 = block_scores(q, k, Selection(block_size=block_size, scorer="taylor2", covariance="lowrank", rank=1))
     fin = torch.isfinite(full)
     assert (low1[fin] <= full[fin] + 1e-5).all()
     assert (full[fin] - low1[fin]).max() > 1e-3
@@ -172,8 +172,8 @@ def test_lowrank_rank1_exact_for_rank1_blocks():
     t = torch.randn(nb, bs, 1, generator=g)
     k = (mu + t * u).reshape(1, nb * bs, 1, D)
     q, _, _ = rand_qkv(1, nb * bs, 2, 1, D, seed=4)
-    full = block_scores(q, k, block_size=bs, scorer="taylor2", covariance="full")
-    low = block_scores(q, k, block_size=bs, scorer="taylor2", covariance="lowrank", rank=1)
+    full = block_scores(q, k, Selection(block_size=bs, scorer="taylor2", covariance="full"))
+    low = block_scores(q, k, Selection(block_size=bs, scorer="taylor2", covariance="lowrank", rank=1))
     torch.testing.assert_close(low, full, rtol=1e-4, atol=1e-4)
 
 
@@ -191,7 +191,7 @@ def test_taylor_query_block_is_mean_of_token_log_mass(query_block):
     """query_block > 1 aggregates the per-token estimates linearly (mean over the block's tokens)."""
     B, N, Hq, Hkv, bs = 1, 30, 4, 2, 4
     q, k, _ = rand_qkv(B, N, Hq, Hkv, 8, seed=query_block)
-    s = block_scores(q, k, block_size=bs, query_block=query_block, scorer="taylor2", covariance="full")
+    s = block_scores(q, k, Selection(block_size=bs, query_block=query_block, scorer="taylor2", covariance="full"))
     per_tok = _taylor_by_hand(q, k, bs, 2)  # [B, Hq, N, nK]
     nQ = cdiv(N, query_block)
     agg = torch.stack([per_tok[:, :, t * query_block:(t + 1) * query_block].mean(2) for t in range(nQ)], 2)
@@ -213,7 +213,7 @@ def test_taylor_query_block_is_mean_of_token_log_mass(query_block):
                                                                        (1, 17, 4, 1, 6, 5)])
 def test_oracle_is_exact_block_log_mass(head_reduce, B, N, Hq, Hkv, D, block_size):
     q, k, _ = rand_qkv(B, N, Hq, Hkv, D, seed=N + D)
-    s = block_scores(q, k, block_size=block_size, scorer="oracle", head_reduce=head_reduce)
+    s = block_scores(q, k, Selection(block_size=block_size, scorer="oracle", head_reduce=head_reduce))
     per_head = _oracle_by_hand(q, k, block_size)
     ref = _reduce_heads(per_head, Hkv, head_reduce)
     vis = _visible(N, block_size, 1)
@@ -228,7 +228,7 @@ def test_oracle_is_exact_block_log_mass(head_reduce, B, N, Hq, Hkv, D, block_siz
 def test_oracle_group_lse_is_total_group_mass():
     """lse over the G heads is the log of the group's total mass, computed here by explicit sums."""
     q, k, _ = rand_qkv(1, 12, 4, 2, 4, torch.float64, seed=8)
-    s = block_scores(q, k, block_size=4, scorer="oracle")
+    s = block_scores(q, k, Selection(block_size=4, scorer="oracle"))
     scale = 0.5
     i, b, h = 10, 1, 1  # token 10, block 1 (tokens 4..7), KV head 1 (query heads 2, 3)
     total = sum(math.exp(scale * float(q[0, i, hq] @ k[0, j, h])) for hq in (2, 3) for j in range(4, 8))
@@ -242,7 +242,7 @@ def test_oracle_group_lse_is_total_group_mass():
 def test_oracle_query_block_is_mean_mass(query_block):
     B, N, Hq, Hkv, bs = 1, 22, 4, 2, 4
     q, k, _ = rand_qkv(B, N, Hq, Hkv, 8, seed=30 + query_block)
-    s = block_scores(q, k, block_size=bs, query_block=query_block, scorer="oracle")
+    s = block_scores(q, k, Selection(block_size=bs, query_block=query_block, scorer="oracle"))
     per_head = _oracle_by_hand(q, k, bs)  # [B, Hq, N, nK]
     nQ = cdiv(N, query_block)
     parts = []
@@ -263,7 +263,7 @@ def test_oracle_query_block_is_mean_mass(query_block):
 def test_non_visible_blocks_are_neg_inf(scorer, N, block_size, query_block):
     q, k, _ = rand_qkv(2, N, 4, 2, 8, seed=N)
     gen = torch.Generator().manual_seed(0)
-    s = block_scores(q, k, block_size=block_size, query_block=query_block, scorer=scorer, generator=gen)
+    s = block_scores(q, k, Selection(block_size=block_size, query_block=query_block, scorer=scorer), generator=gen)
     vis = _visible(N, block_size, query_block)
     assert s.shape == (2, 2, cdiv(N, query_block), cdiv(N, block_size))
     assert torch.isneginf(s[..., ~vis]).all()
@@ -274,23 +274,23 @@ def test_non_visible_blocks_are_neg_inf(scorer, N, block_size, query_block):
 def test_scores_are_float32_and_not_differentiable(dtype):
     q, k, _ = rand_qkv(1, 16, 2, 1, 8, dtype, seed=0, requires_grad=True)
     for scorer in ("taylor2", "oracle"):
-        s = block_scores(q, k, block_size=4, scorer=scorer)
+        s = block_scores(q, k, Selection(block_size=4, scorer=scorer))
         assert s.dtype == torch.float32 and not s.requires_grad
 
 
 def test_bf16_scores_close_to_float32():
     q, k, _ = rand_qkv(1, 40, 4, 2, 16, seed=5)
     for scorer in ("taylor2", "taylor1", "oracle"):
-        a = block_scores(q, k, block_size=8, scorer=scorer)
-        b = block_scores(q.bfloat16(), k.bfloat16(), block_size=8, scorer=scorer)
+        a = block_scores(q, k, Selection(block_size=8, scorer=scorer))
+        b = block_scores(q.bfloat16(), k.bfloat16(), Selection(block_size=8, scorer=scorer))
         fin = torch.isfinite(a)
         torch.testing.assert_close(b[fin], a[fin], rtol=2e-2, atol=5e-2)
 
 
 def test_random_is_reproducible_and_seed_dependent():
     q, k, _ = rand_qkv(2, 33, 4, 2, 8, seed=0)
-    draw = lambda seed: block_scores(q, k, block_size=4, scorer="random",
-                                     generator=torch.Generator().manual_seed(seed))
+    rand = Selection(block_size=4, scorer="random")
+    draw = lambda seed: block_scores(q, k, rand, generator=torch.Generator().manual_seed(seed))
     a, b, c = draw(123), draw(123), draw(124)
     assert torch.equal(a, b)
     fin = torch.isfinite(a)
@@ -298,18 +298,20 @@ def test_random_is_reproducible_and_seed_dependent():
     assert ((a[fin] >= 0) & (a[fin] < 1)).all()
     # independent of the inputs' values: the same seed gives the same scores for other q, k
     q2, k2, _ = rand_qkv(2, 33, 4, 2, 8, seed=1)
-    d = block_scores(q2, k2, block_size=4, scorer="random", generator=torch.Generator().manual_seed(123))
+    d = block_scores(q2, k2, rand, generator=torch.Generator().manual_seed(123))
     assert torch.equal(a, d)
-    sel_a = score_and_select(q, k, block_size=4, topk=3, scorer="random", generator=torch.Generator().manual_seed(7))
-    sel_b = score_and_select(q, k, block_size=4, topk=3, scorer="random", generator=torch.Generator().manual_seed(7))
-    sel_c = score_and_select(q, k, block_size=4, topk=3, scorer="random", generator=torch.Generator().manual_seed(8))
+    rand3 = Selection(block_size=4, topk=3, scorer="random")
+    sel_a = score_and_select(q, k, rand3, generator=torch.Generator().manual_seed(7))
+    sel_b = score_and_select(q, k, rand3, generator=torch.Generator().manual_seed(7))
+    sel_c = score_and_select(q, k, rand3, generator=torch.Generator().manual_seed(8))
     assert torch.equal(sel_a, sel_b) and not torch.equal(sel_a, sel_c)
 
 
 def test_head_reduce_orders():
     """For the same per-head scores: lse >= max >= mean and lse <= max + log G."""
     q, k, _ = rand_qkv(1, 24, 4, 1, 8, seed=12)
-    r = {h: block_scores(q, k, block_size=4, scorer="taylor2", head_reduce=h) for h in ("lse", "max", "mean")}
+    r = {h: block_scores(q, k, Selection(block_size=4, scorer="taylor2", head_reduce=h))
+         for h in ("lse", "max", "mean")}
     fin = torch.isfinite(r["lse"])
     assert (r["lse"][fin] >= r["max"][fin] - 1e-5).all()
     assert (r["max"][fin] >= r["mean"][fin] - 1e-5).all()
@@ -323,10 +325,10 @@ def test_packed_scores_equal_separate(scorer):
     N, bs = sum(lengths), 4
     q, k, _ = rand_qkv(1, N, 4, 2, 8, seed=6)
     cu = torch.tensor([0, 7, 20, 24])
-    s = block_scores(q, k, block_size=bs, scorer=scorer, cu_seqlens=cu)
+    s = block_scores(q, k, Selection(block_size=bs, scorer=scorer), cu_seqlens=cu)
     assert s.shape == (1, 2, N, cdiv(13, bs))
     for st, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        sep = block_scores(q[:, st:e], k[:, st:e], block_size=bs, scorer=scorer)
+        sep = block_scores(q[:, st:e], k[:, st:e], Selection(block_size=bs, scorer=scorer))
         w = sep.shape[-1]
         torch.testing.assert_close(s[:, :, st:e, :w], sep, rtol=1e-6, atol=1e-6)
         assert torch.isneginf(s[:, :, st:e, w:]).all()
@@ -373,9 +375,9 @@ def test_taylor2_recalls_oracle_at_least_as_well_as_taylor1():
     rec = {"taylor1": [], "taylor2": [], "random": []}
     for seed in range(8):
         q, k = _concentrated_inputs(seed)
-        ref = score_and_select(q, k, block_size=bs, topk=topk, scorer="oracle")
+        ref = score_and_select(q, k, Selection(block_size=bs, topk=topk, scorer="oracle"))
         for scorer in rec:
-            sel = score_and_select(q, k, block_size=bs, topk=topk, scorer=scorer,
+            sel = score_and_select(q, k, Selection(block_size=bs, topk=topk, scorer=scorer),
                                    generator=torch.Generator().manual_seed(seed))
             rec[scorer].append(_recall(sel, ref, bs))
     mean = {s: sum(v) / len(v) for s, v in rec.items()}

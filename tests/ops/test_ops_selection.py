@@ -6,11 +6,11 @@ import pytest
 import torch
 from reference import cdiv, rand_qkv
 
-from spla_lit.ops import block_scores, min_topk, score_and_select, select_blocks
+from spla_lit.ops import Selection, block_scores, min_topk, score_and_select, select_blocks
 
 
 def _brute_force_row(scores_row, t, *, topk, block_size, query_block, local_blocks, sink_blocks):
-    """One row of the selection, written from the design note in plain Python."""
+    """One row of the selection, written from `docs/spla.md` §2 in plain Python."""
     nK = len(scores_row)
     first_tok, last_tok = t * query_block, (t + 1) * query_block - 1
     diag = min(last_tok // block_size, nK - 1)
@@ -67,7 +67,7 @@ def test_select_blocks_matches_brute_force(N, block_size, query_block, topk, loc
     scores[0, 0, -1, 0] = float("nan")  # a NaN score is never picked (unless forced)
     kw = dict(topk=topk, block_size=block_size, query_block=query_block, local_blocks=local_blocks,
               sink_blocks=sink_blocks)
-    idx = select_blocks(scores, **kw)
+    idx = select_blocks(scores, Selection(**kw))
     assert idx.dtype == torch.int32 and idx.shape == (B, H, cdiv(N, query_block), topk)
     assert torch.equal(idx.long(), _brute_force(scores, **kw))
 
@@ -79,7 +79,7 @@ def test_select_blocks_matches_brute_force_with_neg_inf_scores():
                   sink_blocks=sink_blocks)
         for seed in range(3):
             scores = _random_scores(2, 2, N, block_size, query_block, seed * 1000 + N, p_neg_inf=0.3)
-            assert torch.equal(select_blocks(scores, **kw).long(), _brute_force(scores, **kw)), (kw, seed)
+            assert torch.equal(select_blocks(scores, Selection(**kw)).long(), _brute_force(scores, **kw)), (kw, seed)
 
 
 @pytest.mark.parametrize(("N", "block_size", "query_block", "topk", "local_blocks", "sink_blocks"), CONFIGS)
@@ -91,7 +91,7 @@ def test_selection_invariants(N, block_size, query_block, topk, local_blocks, si
     nQ, nK = cdiv(N, query_block), cdiv(N, block_size)
     kw = dict(topk=topk, block_size=block_size, query_block=query_block, local_blocks=local_blocks,
               sink_blocks=sink_blocks)
-    scores = block_scores(q, k, block_size=block_size, query_block=query_block)
+    scores = block_scores(q, k, Selection(block_size=block_size, query_block=query_block))
     vis = _visible(nQ, nK, block_size, query_block)
     # make the forced blocks the worst candidates
     adversarial = scores.clone()
@@ -101,7 +101,7 @@ def test_selection_invariants(N, block_size, query_block, topk, local_blocks, si
         adversarial[..., t, lo:diag + 1] = float("-inf")
         adversarial[..., t, :min(sink_blocks, diag + 1)] = float("-inf")
     for s in (scores, adversarial):
-        idx = select_blocks(s, **kw).long()
+        idx = select_blocks(s, Selection(**kw)).long()
         for t in range(nQ):
             diag = min(((t + 1) * query_block - 1) // block_size, nK - 1)
             lo = max(0, min(t * query_block // block_size, diag - local_blocks + 1))
@@ -121,7 +121,7 @@ def test_selection_invariants(N, block_size, query_block, topk, local_blocks, si
 
 def test_short_prefix_is_dense():
     q, k, _ = rand_qkv(1, 20, 2, 1, 8, seed=3)
-    idx = score_and_select(q, k, block_size=4, topk=16)
+    idx = score_and_select(q, k, Selection(block_size=4, topk=16))
     for i in range(20):
         assert idx[0, 0, i].tolist() == list(range(i // 4 + 1)) + [-1] * (16 - i // 4 - 1)
 
@@ -130,7 +130,7 @@ def test_neg_inf_scores_never_selected_even_with_room():
     scores = torch.zeros(1, 1, 6, 6)
     scores[..., 1] = float("-inf")
     scores[..., 3] = float("nan")
-    idx = select_blocks(scores, topk=6, block_size=1)
+    idx = select_blocks(scores, Selection(topk=6, block_size=1))
     for t in range(6):
         expected = [b for b in range(t + 1) if b not in (1, 3) or b == t]
         assert idx[0, 0, t].tolist() == expected + [-1] * (6 - len(expected))
@@ -138,7 +138,7 @@ def test_neg_inf_scores_never_selected_even_with_room():
 
 def test_sinks_kept_when_they_score_worst():
     scores = torch.arange(10.0).expand(1, 1, 40, 10).clone()  # later blocks always score higher
-    idx = select_blocks(scores, topk=4, block_size=4, local_blocks=1, sink_blocks=2)
+    idx = select_blocks(scores, Selection(topk=4, block_size=4, local_blocks=1, sink_blocks=2))
     for i in range(40):
         d = i // 4
         exp = sorted({0, 1, d} | set(range(d - 1, 1, -1)[: max(0, 4 - len({0, 1, d}))])) if d >= 1 else [0]
@@ -154,16 +154,25 @@ def test_topk_below_forced_raises_and_min_topk_suffices(block_size, query_block,
     scores = torch.randn(1, 1, nQ, nK).masked_fill(~_visible(nQ, nK, block_size, query_block), float("-inf"))
     kw = dict(block_size=block_size, query_block=query_block, local_blocks=local_blocks, sink_blocks=sink_blocks)
     m = min_topk(**kw)
-    idx = select_blocks(scores, topk=m, **kw)
+    selection = Selection(topk=m, **kw)
+    assert selection.forced == m
+    idx = select_blocks(scores, selection)
     assert (idx[..., -1] >= 0).any()  # the forced blocks fill it at long range
-    with pytest.raises(ValueError, match="topk"):
-        select_blocks(scores, topk=m - 1, **kw) if m > 1 else select_blocks(scores, topk=0, **kw)
+    with pytest.raises(ValueError, match="topk"):  # the rule is checked once, when the Selection is built
+        Selection(topk=max(m - 1, 0), **kw)
 
 
-def test_topk_below_forced_raises_through_score_and_select():
-    q, k, _ = rand_qkv(1, 32, 2, 1, 8, seed=0)
-    with pytest.raises(ValueError, match="topk"):
-        score_and_select(q, k, block_size=4, topk=2, local_blocks=2, sink_blocks=1)
+@pytest.mark.parametrize(("N", "block_size", "query_block", "topk", "local_blocks", "sink_blocks"), CONFIGS)
+def test_window_mode_keeps_exactly_the_forced_blocks(N, block_size, query_block, topk, local_blocks, sink_blocks):
+    """mode="window" scores nothing: each row is its forced blocks (local and sinks), k = Selection.forced wide,
+    the same as topk mode with topk = forced and every free candidate scored -inf."""
+    q, k, _ = rand_qkv(2, N, 4, 2, 8, seed=N)
+    geometry = dict(block_size=block_size, query_block=query_block, local_blocks=local_blocks, sink_blocks=sink_blocks)
+    window = Selection(mode="window", topk=topk, **geometry)
+    idx = score_and_select(q, k, window)
+    assert window.k == window.forced and idx.shape == (2, 2, cdiv(N, query_block), window.forced)
+    scores = _random_scores(2, 2, N, block_size, query_block, seed=N, p_neg_inf=1.0)  # no free candidate
+    assert torch.equal(idx.long(), _brute_force(scores, topk=window.forced, **geometry))
 
 
 @pytest.mark.parametrize("scorer", ["taylor2", "taylor1", "oracle"])
@@ -172,23 +181,23 @@ def test_packed_selection_equals_separate(scorer):
     N, bs, topk = sum(lengths), 4, 3
     q, k, _ = rand_qkv(1, N, 4, 2, 8, seed=2)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    idx = score_and_select(q, k, block_size=bs, topk=topk, scorer=scorer, sink_blocks=1, cu_seqlens=cu)
+    idx = score_and_select(q, k, Selection(block_size=bs, topk=topk, scorer=scorer, sink_blocks=1), cu_seqlens=cu)
     assert idx.shape == (1, 2, N, topk)
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        sep = score_and_select(q[:, s:e], k[:, s:e], block_size=bs, topk=topk, scorer=scorer, sink_blocks=1)
+        sep = score_and_select(q[:, s:e], k[:, s:e], Selection(block_size=bs, topk=topk, scorer=scorer, sink_blocks=1))
         assert torch.equal(idx[:, :, s:e], sep)
         assert int(idx[:, :, s:e].max()) < cdiv(e - s, bs)  # local block indices
     # select_blocks on packed scores gives the same
-    scores = block_scores(q, k, block_size=bs, scorer=scorer, cu_seqlens=cu)
-    assert torch.equal(select_blocks(scores, topk=topk, block_size=bs, sink_blocks=1, cu_seqlens=cu), idx)
+    scores = block_scores(q, k, Selection(block_size=bs, scorer=scorer), cu_seqlens=cu)
+    assert torch.equal(select_blocks(scores, Selection(topk=topk, block_size=bs, sink_blocks=1), cu_seqlens=cu), idx)
 
 
 def test_score_and_select_equals_scores_then_select():
     q, k, _ = rand_qkv(2, 45, 4, 2, 8, seed=5)
     for scorer, qb in [("taylor2", 1), ("taylor1", 4), ("oracle", 1), ("taylor2", 8)]:
-        kw = dict(block_size=4, query_block=qb)
-        a = score_and_select(q, k, topk=4, scorer=scorer, **kw)
-        b = select_blocks(block_scores(q, k, scorer=scorer, **kw), topk=4, **kw)
+        selection = Selection(block_size=4, query_block=qb, topk=4, scorer=scorer)
+        a = score_and_select(q, k, selection)
+        b = select_blocks(block_scores(q, k, selection), selection)
         assert torch.equal(a, b)
 
 
@@ -201,5 +210,5 @@ def test_oracle_selection_picks_highest_mass_blocks():
     q[:, 40:] = 4 * u / u.norm()
     k[:, 8:16] = 4 * u / u.norm()  # block 1
     for scorer in ("taylor2", "taylor1", "oracle"):
-        idx = score_and_select(q, k, block_size=bs, topk=2, scorer=scorer)
+        idx = score_and_select(q, k, Selection(block_size=bs, topk=2, scorer=scorer))
         assert (idx[0, 0, 40:] == torch.tensor([1, 5], dtype=torch.int32)).all(), scorer

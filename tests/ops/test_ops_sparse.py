@@ -16,7 +16,7 @@ from reference import (
     repeat_kv,
 )
 
-from spla_lit.ops import block_sparse_attention, score_and_select, select_blocks
+from spla_lit.ops import Selection, block_sparse_attention, score_and_select, select_blocks
 
 # (B, N, Hq, Hkv, D, block_size): partial last blocks, GQA and MHA, a block larger than the sequence.
 SHAPES = [
@@ -58,7 +58,7 @@ def test_select_blocks_with_large_topk_is_dense(shape):
     B, N, Hq, Hkv, D, bs = shape
     q, k, v = rand_qkv(B, N, Hq, Hkv, D, seed=N + bs)
     nK = cdiv(N, bs)
-    idx = score_and_select(q, k, block_size=bs, topk=nK + 2)
+    idx = score_and_select(q, k, Selection(block_size=bs, topk=nK + 2))
     assert (idx[..., -2:] == -1).all()
     o, lse = block_sparse_attention(q, k, v, idx, block_size=bs, return_lse=True)
     o_ref, lse_ref = dense_causal_reference(q, k, v)
@@ -102,7 +102,7 @@ def test_packed_equals_separate(lengths, dtype):
     q, k, v = rand_qkv(1, N, Hq, Hkv, D, dtype, seed=len(lengths) * 7 + N)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     starts = cu[:-1].tolist()
-    idx = torch.cat([score_and_select(q[:, s:s + n], k[:, s:s + n], block_size=bs, topk=topk)
+    idx = torch.cat([score_and_select(q[:, s:s + n], k[:, s:s + n], Selection(block_size=bs, topk=topk))
                      for s, n in zip(starts, lengths)], dim=2)
     o, lse = block_sparse_attention(q, k, v, idx, block_size=bs, cu_seqlens=cu, return_lse=True)
     for s, n in zip(starts, lengths):
@@ -112,7 +112,8 @@ def test_packed_equals_separate(lengths, dtype):
         torch.testing.assert_close(lse[:, :, s:s + n], lse_s, rtol=0, atol=0)
     # Packing must isolate sequences: the result differs from attending over the whole packed row.
     if len(lengths) > 1:
-        o_flat = block_sparse_attention(q, k, v, score_and_select(q, k, block_size=bs, topk=topk), block_size=bs)
+        flat_idx = score_and_select(q, k, Selection(block_size=bs, topk=topk))
+        o_flat = block_sparse_attention(q, k, v, flat_idx, block_size=bs)
         assert not torch.allclose(o[:, lengths[0]:].float(), o_flat[:, lengths[0]:].float())
 
 
@@ -141,7 +142,7 @@ def test_gradcheck(N, block_size, query_block, Hq, Hkv):
 
 def test_float64_stays_float64():
     q, k, v = rand_qkv(1, 10, 2, 1, 4, torch.float64, seed=1)
-    idx = select_blocks(torch.zeros(1, 1, 10, 3), topk=2, block_size=4)
+    idx = select_blocks(torch.zeros(1, 1, 10, 3), Selection(topk=2, block_size=4))
     o, lse = block_sparse_attention(q, k, v, idx, block_size=4, return_lse=True)
     assert o.dtype == torch.float64 and lse.dtype == torch.float64
     o_ref, lse_ref = dense_causal_reference(q, k, v, mask=dense_selected_mask(idx, 10, 4))

@@ -7,6 +7,7 @@ heavy torch function (matmul, einsum, logsumexp, SDPA, topk, cumsum, eigh, softm
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from reference import rand_qkv, random_block_idx
 from torch.overrides import TorchFunctionMode
 
 from spla_lit.ops import (
+    Selection,
     block_scores,
     block_sparse_attention,
     causal_linear_attention,
@@ -46,10 +48,11 @@ class _NoHeavyCompute(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-# op name -> (function, positional argument names, default keyword arguments)
+# op name -> (function, positional argument names, default keyword arguments). A "selection" argument is built
+# from the Selection fields among a case's overrides (on top of block_size=BS, topk=3), inside the checked call.
 OPS = {
-    "block_scores": (block_scores, ["q", "k"], dict(block_size=BS)),
-    "score_and_select": (score_and_select, ["q", "k"], dict(block_size=BS, topk=3)),
+    "block_scores": (block_scores, ["q", "k", "selection"], {}),
+    "score_and_select": (score_and_select, ["q", "k", "selection"], {}),
     "exact_block_log_mass": (exact_block_log_mass, ["q", "k"], dict(block_size=BS)),
     "block_sparse_attention": (block_sparse_attention, ["q", "k", "v", "block_idx"], dict(block_size=BS)),
     "causal_linear_attention": (causal_linear_attention, ["phi_q", "phi_k", "v"], {}),
@@ -59,8 +62,9 @@ OPS = {
                                   dict(block_size=BS)),
     "explicit_residual_linear_attention": (explicit_residual_linear_attention, ["phi_q", "phi_k", "v", "block_idx"],
                                            dict(block_size=BS)),
-    "spla_attention": (spla_attention, ["q", "k", "v"], dict(block_size=BS, topk=3)),
+    "spla_attention": (spla_attention, ["q", "k", "v", "selection"], {}),
 }
+SELECTION_FIELDS = {f.name for f in fields(Selection)}
 DEFAULT_TENSORS = {"q": Q, "k": K, "v": V, "phi_q": Q, "phi_k": K, "block_idx": IDX}
 BATCH2_TENSORS = {"q": Q2, "k": K2, "v": V2, "phi_q": Q2, "phi_k": K2, "block_idx": IDX2}
 
@@ -68,7 +72,10 @@ BATCH2_TENSORS = {"q": Q2, "k": K2, "v": V2, "phi_q": Q2, "phi_k": K2, "block_id
 def _call(op, batch2=False, **overrides):
     fn, pos, kw = OPS[op]
     tensors = BATCH2_TENSORS if batch2 else DEFAULT_TENSORS
-    args = [overrides.pop(p, tensors[p]) for p in pos]
+    if "selection" in pos and "selection" not in overrides:
+        picked = {f: overrides.pop(f) for f in list(overrides) if f in SELECTION_FIELDS}
+        overrides["selection"] = Selection(**({"block_size": BS, "topk": 3} | picked))
+    args = [overrides.pop(p, tensors.get(p)) for p in pos]
     return fn(*args, **{**kw, **overrides})
 
 
@@ -86,11 +93,13 @@ def test_valid_calls_succeed():
     for op in OPS:
         out = _call(op)
         assert isinstance(out, torch.Tensor) and torch.isfinite(out.float()).any()
-    assert select_blocks(block_scores(Q, K, block_size=BS), topk=3, block_size=BS).shape == (B, HKV, N, 3)
+    selection = Selection(block_size=BS, topk=3)
+    assert select_blocks(block_scores(Q, K, selection), selection).shape == (B, HKV, N, 3)
 
 
 def _ops_with(arg):
-    return [op for op, (_, pos, kw) in OPS.items() if arg in pos or arg in kw]
+    return [op for op, (_, pos, kw) in OPS.items()
+            if arg in pos or arg in kw or ("selection" in pos and arg in SELECTION_FIELDS)]
 
 
 def _first_two(op):
@@ -153,7 +162,9 @@ def _scalar_cases():
               ("spla_attention", "rla", {"rla": "implicit"}),
               ("spla_attention", "combine", {"combine": "concat"}),
               ("spla_attention", "gate", {"gate": torch.zeros(B, N, HKV)})]
-    for op in ("block_sparse_attention", "causal_linear_attention", "selected_linear_attention",
+    for op in ("block_scores", "score_and_select", "spla_attention"):
+        cases += [(op, "selection", {"selection": {"block_size": BS}}), (op, "mode", {"mode": "sliding"})]
+    for op in ("score_and_select", "block_sparse_attention", "causal_linear_attention", "selected_linear_attention",
                "residual_linear_attention", "spla_attention"):
         cases.append((op, "impl", {"impl": "cuda"}))
     return cases
@@ -181,14 +192,14 @@ def test_bad_selection_args_raise_before_scoring(op, name, bad):
 @pytest.mark.parametrize(("name", "bad"), [("topk", 0), ("topk", -1), ("topk", 2.5), ("local_blocks", 0),
                                            ("sink_blocks", -1), ("block_size", 0), ("query_block", 0)])
 def test_select_blocks_bad_scalars(name, bad):
-    scores = block_scores(Q, K, block_size=BS)
+    scores = block_scores(Q, K, Selection(block_size=BS))
     kw = {"topk": 3, "block_size": BS, name: bad}
-    _assert_raises_naming(lambda: select_blocks(scores, **kw), name)
+    _assert_raises_naming(lambda: select_blocks(scores, Selection(**kw)), name)
 
 
 @pytest.mark.parametrize("scores", [torch.zeros(2, 16, 4), [[0.0]], None])
 def test_select_blocks_bad_scores(scores):
-    _assert_raises_naming(lambda: select_blocks(scores, topk=3, block_size=BS), "scores")
+    _assert_raises_naming(lambda: select_blocks(scores, Selection(topk=3, block_size=BS)), "scores")
 
 
 @pytest.mark.parametrize("fn", [lambda: feature_map("cosine"), lambda: feature_dim("cosine", 8)])
@@ -268,8 +279,8 @@ def test_cu_seqlens_needs_token_selection(op):
 
 @pytest.mark.parametrize("case", ["not_from_0", "not_to_N", "not_increasing"])
 def test_select_blocks_bad_cu_seqlens(case):
-    scores = block_scores(Q, K, block_size=BS)
-    _assert_raises_naming(lambda: select_blocks(scores, topk=3, block_size=BS, cu_seqlens=CU_BAD[case]),
+    scores = block_scores(Q, K, Selection(block_size=BS))
+    _assert_raises_naming(lambda: select_blocks(scores, Selection(topk=3, block_size=BS), cu_seqlens=CU_BAD[case]),
                           "cu_seqlens")
 
 
