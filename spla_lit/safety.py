@@ -13,7 +13,7 @@ anything else before anything is built, naming the key and the target. Adding a 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -88,11 +88,11 @@ def check_targets(node: Any, key: str = "", allowed: Iterable[str] = ALLOWED_TAR
     resolved) also refuses any ``${...}`` interpolation, which could build a node at resolution time.
     Hydra's flags must be plain values (``_partial_: true``...). Nothing is imported or called.
     """
-    allowed = frozenset(allowed)
-    _walk(_plain(node, resolve=False), key, allowed, stored)
+    _walk(node, key, frozenset(allowed), stored)
 
 
 def _walk(node: Any, key: str, allowed: frozenset[str], stored: bool) -> None:
+    node = _plain(node, resolve=False)  # a config nested in plain containers: its items would resolve
     if isinstance(node, Mapping):
         for name, value in node.items():
             where = _join(key, str(name))
@@ -105,7 +105,7 @@ def _walk(node: Any, key: str, allowed: frozenset[str], stored: bool) -> None:
                 raise UnsafeConfigError(f"{where}: {value!r} is not a valid value (expected one of "
                                         f"{', '.join(map(str, _FLAGS[name]))})")
             _walk(value, where, allowed, stored)
-    elif isinstance(node, (list, tuple)):
+    elif isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
         for i, value in enumerate(node):
             _walk(value, _join(key, i), allowed, stored)
     elif stored and isinstance(node, str) and _is_interpolation(node):

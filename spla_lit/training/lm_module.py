@@ -48,7 +48,6 @@ class LMModule(L.LightningModule):
         self.run_config = run_config
         self.task_names = task_names
         vocab = net.vocab_size
-        self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_answer_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE)
         self.val_exact = MeanMetric()
@@ -68,7 +67,6 @@ class LMModule(L.LightningModule):
         # Checked with the gradient norm before the optimizer step, not here: reading it now would make the
         # CPU wait for the forward, and the GPU idle while the backward is queued.
         self._step_losses.append(loss.detach())  # logged per optimizer step (the mean of its micro-batches)
-        self.train_loss(loss.detach())
         stats = getattr(self.net, "attention_stats", dict)()
         for key, value in stats.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)

@@ -66,7 +66,9 @@ def check_run(cfg: DictConfig) -> int | None:
     validate_config(cfg)
     for message in config_warnings(cfg):
         log.warning("%s", message)
-    check_targets({k: v for k, v in cfg.items() if k != "hydra"})
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)  # Hydra's own config (launcher, sweeper...) is not built by this code
+    check_targets(plain)
     if cfg.get("ckpt_path") is None:
         return None
     step = int(inspect_checkpoint(cfg.ckpt_path).get("global_step", 0))
