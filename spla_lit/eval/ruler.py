@@ -15,7 +15,7 @@ of a sweep sees the same samples; :func:`check_disjoint` refuses a training seed
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data import RULER_TASKS, TASKS, VAL_SEED_OFFSET, eval_dataloader, make_task
 from ..data.vocab import Vocab
+from .progress import EvalProgress
 
 EVAL_SEED_BASE = 2_000_000_011
 # The suite of the issue / RULER (MQAR can be added: tasks=[...,mqar]).
@@ -80,8 +81,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 @torch.inference_mode()
 def task_exact_match(net: nn.Module, task: str, length: int, num_samples: int, seed: int, *,
                      batch_size: int, device: torch.device, precision: str = "fp32", vocab_size: int = 512,
-                     language_seed: int = 0, task_kwargs: Mapping[str, Any] | None = None) -> tuple[int, int]:
-    """(samples right, samples) of ``num_samples`` samples of ``task`` at model input length ``length``."""
+                     language_seed: int = 0, task_kwargs: Mapping[str, Any] | None = None,
+                     progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """(samples right, samples) of ``num_samples`` samples of ``task`` at model input length ``length``;
+    ``progress(tokens)`` is called after each batch."""
     loader = eval_dataloader(task, length, num_samples, seed, batch_size=batch_size, vocab_size=vocab_size,
                              language_seed=language_seed, task_kwargs=task_kwargs)
     right = total = 0
@@ -92,14 +95,17 @@ def task_exact_match(net: nn.Module, task: str, length: int, num_samples: int, s
         ok = ((logits.argmax(-1) == labels) | ~answer).all(-1) & answer.any(-1)
         right += int(ok.sum())
         total += ids.shape[0]
+        if progress is not None:
+            progress(ids.numel())
     return right, total
 
 
 def run_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_samples: int, eval_seed: int, *,
               batch_size: int, max_batch_tokens: int | None, device: torch.device, precision: str,
               vocab_size: int, language_seed: int, task_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              log: Any = None) -> dict[str, Any]:
-    """Exact match per (length, task) and the per-length average over tasks (RULER's score).
+              log: Any = None, progress: EvalProgress | None = None) -> dict[str, Any]:
+    """Exact match per (length, task) and the per-length average over tasks (RULER's score); ``progress``
+    shows the (task, length) being run and counts its tokens.
 
     Returns ``{"per_task": {length: {task: accuracy}}, "average": {length: accuracy}, "overall": mean of
     the averages, "num_samples": ..., "seed": sample seed}`` with lengths as strings (JSON keys).
@@ -111,9 +117,12 @@ def run_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_
         scores = {}
         for task in tasks:
             kwargs = dict((task_kwargs or {}).get(task) or {})
+            if progress is not None:
+                progress.stage(f"{task} @ {length}")
             right, total = task_exact_match(net, task, length, num_samples, seed, batch_size=rows, device=device,
                                             precision=precision, vocab_size=vocab_size,
-                                            language_seed=language_seed, task_kwargs=kwargs)
+                                            language_seed=language_seed, task_kwargs=kwargs,
+                                            progress=None if progress is None else progress.advance)
             scores[task] = right / total
             if log is not None:
                 log.info("length %6d  %-18s exact match %.3f (%d/%d)", length, task, right / total, right, total)

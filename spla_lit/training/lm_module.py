@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .callbacks import NonFiniteLossError
+from .checkpoint_io import CheckpointError
 from .schedule import warmup_cosine
 
 IGNORE = -100
@@ -47,7 +48,6 @@ class LMModule(L.LightningModule):
         self.run_config = run_config
         self.task_names = task_names
         vocab = net.vocab_size
-        self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_answer_acc = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=IGNORE)
         self.val_exact = MeanMetric()
@@ -67,7 +67,6 @@ class LMModule(L.LightningModule):
         # Checked with the gradient norm before the optimizer step, not here: reading it now would make the
         # CPU wait for the forward, and the GPU idle while the backward is queued.
         self._step_losses.append(loss.detach())  # logged per optimizer step (the mean of its micro-batches)
-        self.train_loss(loss.detach())
         stats = getattr(self.net, "attention_stats", dict)()
         for key, value in stats.items():
             self.log(f"train/{key}", value, on_step=True, on_epoch=False)
@@ -156,9 +155,30 @@ class LMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # A resumed run starts from finite weights and optimizer state, whatever wrote the checkpoint (the
+        # single-file loader checks the file itself; this also covers sharded folders). One pass, one reduce.
+        if self.trainer.ckpt_path is None:
+            return
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in _state_tensors(self)]  # FSDP: own shard
+        flags = [(~torch.isfinite(t)).any().to(self.device) for t in local if t.is_floating_point()]
+        bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=self.device)
+        if self.trainer.strategy.reduce(bad, reduce_op="max").item():
+            raise CheckpointError(f"ckpt_path: {self.trainer.ckpt_path}: the loaded weights or optimizer state "
+                                  "hold NaN or inf values, refusing to train from them")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["spla_config"] = self.run_config
+
+
+def _state_tensors(module: L.LightningModule) -> list[torch.Tensor]:
+    """The module's parameters and its optimizers' state tensors."""
+    tensors = [p.detach() for p in module.parameters()]
+    for optimizer in module.trainer.optimizers:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return tensors
 
 
 def grad_norm(module: nn.Module) -> torch.Tensor:

@@ -156,7 +156,7 @@ def test_unknown_group_option_fails_at_composition():
 
 def test_bad_override_fails_before_the_model_is_built(monkeypatch, tmp_path):
     built = []
-    monkeypatch.setattr(run_module, "instantiate", lambda *a, **k: built.append(a) or None)
+    monkeypatch.setattr(run_module, "safe_instantiate", lambda *a, **k: built.append(a) or None)
     with pytest.raises(ConfigError, match="^sparse.topk"):
         run_module.build(make_cfg(["sparse.topk=0"], tmp_path))
     assert built == []
