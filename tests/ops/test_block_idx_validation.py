@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spla_lit import ops
+from spla_lit.options import Selection
 
 
 def _qkv(n: int = 32):
@@ -39,7 +40,7 @@ def test_block_idx_dtype_is_checked():
 
 def test_valid_selections_pass_and_validate_false_skips_the_check():
     q, k, v = _qkv()
-    idx = ops.select_blocks(torch.randn(1, 1, 32, 4), topk=2, block_size=8)
+    idx = ops.select_blocks(torch.randn(1, 1, 32, 4), Selection(block_size=8, topk=2))
     out = ops.block_sparse_attention(q, k, v, idx, block_size=8)  # from select_blocks: valid, -1 padded
     assert torch.isfinite(out).all()
     padded = _idx([[0, -1]])
