@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import Selection
 from ._checks import check_cu_seqlens, check_positive_int, check_qk, check_query_block
 from ._dispatch import run_kernel, use_triton
 from .blocks import forced_blocks, visible_blocks
@@ -107,9 +108,10 @@ def score_and_select(
     _check_forced(topk, need, local_blocks, sink_blocks, query_block)
     fusable = scorer in ("taylor1", "taylor2") and (scorer == "taylor1" or covariance in ("diag", "lowrank"))
     if fusable and use_triton(impl, "select_blocks_fused", q, k):
-        out = run_kernel(impl, "select_blocks_fused", q, k, block_size=block_size, topk=topk, query_block=query_block,
-                         local_blocks=local_blocks, sink_blocks=sink_blocks, scorer=scorer, covariance=covariance,
-                         rank=rank, head_reduce=head_reduce, scale=scale, cu_seqlens=cu_seqlens)
+        out = run_kernel(impl, "select_blocks_fused", q, k, Selection(
+            block_size=block_size, topk=topk, query_block=query_block, local_blocks=local_blocks,
+            sink_blocks=sink_blocks, scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce,
+            scale=scale), cu_seqlens=cu_seqlens)
         if out is not None:
             return out
     scores = block_scores(q, k, block_size=block_size, query_block=query_block, scorer=scorer, covariance=covariance,
