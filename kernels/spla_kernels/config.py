@@ -191,21 +191,21 @@ def arch_of(device: torch.device | str) -> str:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def sparse_config(device: torch.device | str, *, fused: bool, dtype: torch.dtype, dim: int) -> SparseConfig:
-    """Table entry of the sparse kernels: ``fused`` with the selected-linear term; ``dim`` the widest of the
-    head, feature and value dims."""
-    del fused  # one entry serves both kernels today; the key stays so they can diverge
-    cfg = _SPARSE[arch_of(device)]
+def sparse_config(arch: str, *, fused: bool, dtype: torch.dtype, dim: int) -> SparseConfig:
+    """Table entry of the sparse kernels for GPU class ``arch`` (:func:`arch_of`): ``fused`` with the
+    selected-linear term; ``dim`` the widest of the head, feature and value dims."""
+    del fused  # one entry serves both kernels today; the key stays so that they can diverge
+    cfg = _SPARSE[arch]
     return _wide_sparse(cfg) if dtype == torch.float32 or dim > 128 else cfg
 
 
-def select_config(device: torch.device | str, *, dtype: torch.dtype, head_dim: int) -> SelectConfig:
-    """Table entry of the fused selection for q/k of ``dtype`` and ``head_dim``."""
-    cfg = _SELECT[arch_of(device)]
+def select_config(arch: str, *, dtype: torch.dtype, head_dim: int) -> SelectConfig:
+    """Table entry of the fused selection for GPU class ``arch`` and q/k of ``dtype`` and ``head_dim``."""
+    cfg = _SELECT[arch]
     return _wide_select(cfg) if dtype != torch.bfloat16 or head_dim > 128 else cfg
 
 
-def linear_config(device: torch.device | str, *, dtype: torch.dtype) -> LinearConfig:
-    """Table entry of the linear-attention kernels for inputs of ``dtype``."""
-    cfg = _LINEAR[arch_of(device)]
+def linear_config(arch: str, *, dtype: torch.dtype) -> LinearConfig:
+    """Table entry of the linear-attention kernels for GPU class ``arch`` and inputs of ``dtype``."""
+    cfg = _LINEAR[arch]
     return _wide_linear(cfg) if dtype != torch.bfloat16 else cfg

@@ -43,7 +43,7 @@ from ._linear_kernels import (
     states_scan_kernel,
 )
 from ._utils import interpreting
-from .config import LinearConfig, linear_config
+from .config import LinearConfig, arch_of, linear_config
 
 CHUNK = 64  # tokens per chunk (the kernels' C)
 MAX_DIM = 256  # largest feature / value dim handled (F <= 128 expected; Dv up to 128 + a normalizer column)
@@ -278,7 +278,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G = Hq // Hkv
-        cfg = config or linear_config(phi_q.device, dtype=phi_q.dtype)
+        cfg = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
         q, k, vv = _flat(phi_q), _flat(phi_k), _flat(v)
         meta = _chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device, cfg.super_target)
         out = torch.empty(B * N, Hq, Dv, device=q.device, dtype=torch.float32)

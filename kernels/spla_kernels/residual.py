@@ -29,7 +29,7 @@ from torch.profiler import record_function
 from spla_lit.ops.utils import cdiv, next_pow2, sequence_segments
 
 from . import linear as L
-from .config import LinearConfig, linear_config
+from .config import LinearConfig, arch_of, linear_config
 
 _MODES = {"sub": 1, "norm": 2, "pair": 3}
 
@@ -72,7 +72,7 @@ class _SubtractResidual(torch.autograd.Function):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G, T = Hq // Hkv, B * N
-        cfg = config or linear_config(phi_q.device, dtype=phi_q.dtype)
+        cfg = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
         q, k, vv, self_ = L._flat(phi_q), L._flat(phi_k), L._flat(v), L._flat(sel)
         meta = L._chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device, cfg.super_target)
         ext = mode != "sub"

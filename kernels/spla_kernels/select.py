@@ -22,7 +22,7 @@ from spla_lit.options import COVARIANCES, Selection
 
 from ._select_kernels import select_kernel
 from ._utils import interpreting
-from .config import SelectConfig, select_config
+from .config import SelectConfig, arch_of, select_config
 
 _REDUCE = {"lse": 0, "max": 1, "mean": 2}
 # The kernel's ORDER constexpr: 1 taylor1 (any covariance: unused), 2 taylor2 / diag, 3 taylor2 / lowrank.
@@ -125,7 +125,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, selection: Selection, cu_seqlens:
     if Hq % Hkv:
         raise ValueError(f"q's {Hq} heads are not a multiple of k's {Hkv}")
     G = Hq // Hkv
-    cfg = config or select_config(q.device, dtype=q.dtype, head_dim=D)
+    cfg = config or select_config(arch_of(q.device), dtype=q.dtype, head_dim=D)
     if D > 256 or cfg.rows < G or sel.topk > 1024:
         raise NotImplementedError(f"head dim {D}, group {G} or topk {sel.topk} too large for the fused kernel")
     scale = D**-0.5 if sel.scale is None else float(sel.scale)

@@ -25,7 +25,7 @@ from torch.profiler import record_function
 from spla_lit.ops.utils import next_pow2
 
 from ._utils import interpreting
-from .config import SparseConfig, sparse_config
+from .config import SparseConfig, arch_of, sparse_config
 from .sparse_bwd import sparse_bwd_dkv_kernel, sparse_bwd_dq_kernel
 from .sparse_fwd import sparse_fwd_kernel
 from .sparse_index import Groups, Units, query_groups, token_units, transposed_items
@@ -90,7 +90,7 @@ class _FusedSparse(torch.autograd.Function):
         D = q.shape[-1] if sparse else 16
         F = pq.shape[-1] if selected else 16
         DVS = DV + 1 if norm else DV
-        cfg = config or sparse_config(v.device, fused=selected, dtype=v.dtype,
+        cfg = config or sparse_config(arch_of(v.device), fused=selected, dtype=v.dtype,
                                       dim=max(D if sparse else 0, F if selected else 0, DV))
         with record_function("spla_kernels.sparse: fwd index"):
             tok_units, units = token_units(block_idx, N, block_size, query_block, cu_seqlens)
