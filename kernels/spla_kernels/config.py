@@ -16,7 +16,7 @@ This module needs torch only (not Triton).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -131,44 +131,52 @@ class LinearConfig:
 
 
 # ------------------------------------------------------------------------------------------------ the table
-# Entries for 2-byte operands and head / feature dims <= 128; ``_WIDE`` below derives the 4-byte / wider ones.
-# sm90: the H100 sweeps (docs/kernels.md). Other classes: not timed; the sm90 tiles with fewer stages or rows
-# where those overflow the class's shared memory (checked by offline compilation: benchmarks/compile_tiles.py).
+# (class, wide) -> config, or None where no tile fits the class's shared memory (the entry point then raises
+# NotImplementedError and spla_lit.ops runs its reference). ``wide``: operands or tiles past the measured
+# shape (each lookup below says which). sm90 narrow: the H100 sweeps. The rest is not timed: the sm90 tiles
+# with fewer rows or stages where offline compilation (benchmarks/compile_tiles.py) found them overflowing.
+# Sources and the compiled sizes: docs/kernels.md, "Tile table".
 
-_SPARSE = {
-    "sm90": SparseConfig(),
-    "sm80": SparseConfig(),
-    "sm89": SparseConfig(fwd_stages=1, dq_stages=1, dkv_stages=1),
-    "default": SparseConfig(fwd_stages=1, dq_stages=1, dkv_stages=1),
-}
-_SELECT = {
-    "sm90": SelectConfig(),
-    "sm80": SelectConfig(stages=2),
-    "sm89": SelectConfig(rows=64, warps=4, stages=2),
-    "default": SelectConfig(rows=64, warps=4, stages=2),
-}
-_LINEAR = {
-    "sm90": LinearConfig(),
-    "sm80": LinearConfig(),
-    "sm89": LinearConfig(out_stages=2, dkdv_rows=32, dkdv_stages=1),
-    "default": LinearConfig(out_stages=2, dkdv_rows=32, dkdv_stages=1),
-}
+def _with_default(table: dict) -> dict:
+    """``table`` plus the ``default`` class (unknown GPUs): the entries of the class with the least shared
+    memory, sm89."""
+    return {**table, **{("default", wide): table["sm89", wide] for wide in (False, True)}}
 
 
-def _wide_sparse(cfg: SparseConfig) -> SparseConfig:
-    """4-byte tiles or dims > 128: one stage fewer everywhere (tiles twice as wide)."""
-    return replace(cfg, fwd_stages=max(1, cfg.fwd_stages - 1), dq_stages=max(1, cfg.dq_stages - 1),
-                   dkv_stages=max(1, cfg.dkv_stages - 1))
+_SPARSE = _with_default({
+    ("sm90", False): SparseConfig(),
+    ("sm90", True): SparseConfig(),
+    ("sm80", False): SparseConfig(),
+    ("sm80", True): SparseConfig(),
+    ("sm89", False): SparseConfig(),
+    ("sm89", True): None,  # float32 fused dK/dV: 120 KiB at one stage
+})
+_SELECT = _with_default({
+    ("sm90", False): SelectConfig(),
+    ("sm90", True): SelectConfig(rows=64, warps=4, stages=2),
+    ("sm80", False): SelectConfig(),
+    ("sm80", True): SelectConfig(rows=64, warps=4, stages=1),
+    ("sm89", False): SelectConfig(rows=64, warps=4, stages=2),
+    ("sm89", True): SelectConfig(rows=32, warps=4, stages=1),
+})
+_LINEAR = _with_default({
+    ("sm90", False): LinearConfig(),
+    ("sm90", True): LinearConfig(dkdv_rows=32, dkdv_stages=1),
+    ("sm80", False): LinearConfig(),
+    ("sm80", True): LinearConfig(dkdv_rows=32, dkdv_stages=1),
+    # The key-gradient kernel holds the float32 reverse state [F, Dv] and its bf16 halves: 160 KiB at
+    # F = Dv = 128 whatever its rows and stages.
+    ("sm89", False): None,
+    ("sm89", True): None,
+})
 
 
-def _wide_select(cfg: SelectConfig) -> SelectConfig:
-    """float32 / float16 inputs (float32 tf32x3 operands, twice as wide) or D > 128: one stage fewer."""
-    return replace(cfg, stages=max(1, cfg.stages - 1))
-
-
-def _wide_linear(cfg: LinearConfig) -> LinearConfig:
-    """float32 / float16 inputs (float32 operands): the key-gradient kernel takes half the rows, one stage."""
-    return replace(cfg, dkdv_rows=max(16, cfg.dkdv_rows // 2), dkdv_stages=1)
+def _entry(table: dict, family: str, arch: str, wide: bool, what: str):
+    cfg = table[arch, wide]
+    if cfg is None:
+        raise NotImplementedError(f"no {family} tiles fit the shared memory of GPU class {arch} for {what} "
+                                  "(spla_kernels.config; pass config= to force one)")
+    return cfg
 
 
 @functools.lru_cache(maxsize=16)
@@ -191,21 +199,23 @@ def arch_of(device: torch.device | str) -> str:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def sparse_config(arch: str, *, fused: bool, dtype: torch.dtype, dim: int) -> SparseConfig:
+def sparse_config(arch: str, *, fused: bool, dtype: torch.dtype, dim: int, block_size: int) -> SparseConfig:
     """Table entry of the sparse kernels for GPU class ``arch`` (:func:`arch_of`): ``fused`` with the
-    selected-linear term; ``dim`` the widest of the head, feature and value dims."""
+    selected-linear term; ``dim`` the widest of the head, feature and value dims. Wide: float32 operands,
+    ``dim > 128`` or ``block_size > 64``. NotImplementedError where the class has no entry."""
     del fused  # one entry serves both kernels today; the key stays so that they can diverge
-    cfg = _SPARSE[arch]
-    return _wide_sparse(cfg) if dtype == torch.float32 or dim > 128 else cfg
+    wide = dtype == torch.float32 or dim > 128 or block_size > 64
+    return _entry(_SPARSE, "sparse-attention", arch, wide, f"{dtype}, dim {dim}, blocks of {block_size}")
 
 
 def select_config(arch: str, *, dtype: torch.dtype, head_dim: int) -> SelectConfig:
-    """Table entry of the fused selection for GPU class ``arch`` and q/k of ``dtype`` and ``head_dim``."""
-    cfg = _SELECT[arch]
-    return _wide_select(cfg) if dtype != torch.bfloat16 or head_dim > 128 else cfg
+    """Table entry of the fused selection for GPU class ``arch`` and q/k of ``dtype`` and ``head_dim``. Wide:
+    other than bfloat16 inputs (the kernel multiplies float32 tf32x3 operands then) or ``head_dim > 128``."""
+    wide = dtype != torch.bfloat16 or head_dim > 128
+    return _entry(_SELECT, "selection", arch, wide, f"{dtype}, head dim {head_dim}")
 
 
 def linear_config(arch: str, *, dtype: torch.dtype) -> LinearConfig:
-    """Table entry of the linear-attention kernels for GPU class ``arch`` and inputs of ``dtype``."""
-    cfg = _LINEAR[arch]
-    return _wide_linear(cfg) if dtype != torch.bfloat16 else cfg
+    """Table entry of the linear-attention kernels for GPU class ``arch`` and inputs of ``dtype``. Wide: other
+    than bfloat16 inputs (float32 operands). NotImplementedError where the class has no entry."""
+    return _entry(_LINEAR, "linear-attention", arch, dtype != torch.bfloat16, str(dtype))

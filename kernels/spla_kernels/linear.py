@@ -278,7 +278,7 @@ class _CausalLinearAttention(torch.autograd.Function):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G = Hq // Hkv
-        cfg = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
+        cfg = config
         q, k, vv = _flat(phi_q), _flat(phi_k), _flat(v)
         meta = _chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device, cfg.super_target)
         out = torch.empty(B * N, Hq, Dv, device=q.device, dtype=torch.float32)
@@ -325,7 +325,7 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
     Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv] (F <= 128, Dv <= 256; D + 1 with a
     normalizer column runs as a D-wide tile plus a float32 extra column); same dtype (bfloat16, float16 or
     float32); cu_seqlens int [S + 1] packs sequences (B == 1), the state restarting at each; config: tiles
-    (None: the per-device table, ``spla_kernels.config``).
+    (None: the per-device table, ``spla_kernels.config``, which declines on some GPU classes).
     Returns: float32 [B, N, Hq, Dv]. float64 inputs go to the PyTorch reference.
     """
     if phi_q.dtype == torch.float64:
@@ -344,4 +344,5 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
         raise ValueError(f"dtypes must match and be bf16/fp16/fp32, got {phi_q.dtype}, {phi_k.dtype}, {v.dtype}")
     if F > 128 or Dv > MAX_DIM:
         raise NotImplementedError(f"feature dim {F} > 128 or value dim {Dv} > {MAX_DIM}")
+    config = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
     return _CausalLinearAttention.apply(phi_q, phi_k, v, cu_seqlens, config)

@@ -72,7 +72,7 @@ class _SubtractResidual(torch.autograd.Function):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G, T = Hq // Hkv, B * N
-        cfg = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
+        cfg = config
         q, k, vv, self_ = L._flat(phi_q), L._flat(phi_k), L._flat(v), L._flat(sel)
         meta = L._chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device, cfg.super_target)
         ext = mode != "sub"
@@ -154,5 +154,6 @@ def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"sel {tuple(sel.shape)} / nonempty {tuple(nonempty.shape)} do not match "
                          f"[{B}, {N}, {Hq}, {dvs}] / [{B}, {Hkv}, {N}]")
     keep = nonempty.transpose(1, 2).to(torch.uint8).contiguous().view(B * N, Hkv)
+    config = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
     return _SubtractResidual.apply(phi_q, phi_k, v, sel.float(), keep, cu_seqlens, mode, float(eps), config)
 

@@ -91,7 +91,7 @@ class _FusedSparse(torch.autograd.Function):
         F = pq.shape[-1] if selected else 16
         DVS = DV + 1 if norm else DV
         cfg = config or sparse_config(arch_of(v.device), fused=selected, dtype=v.dtype,
-                                      dim=max(D if sparse else 0, F if selected else 0, DV))
+                                      dim=max(D if sparse else 0, F if selected else 0, DV), block_size=block_size)
         with record_function("spla_kernels.sparse: fwd index"):
             tok_units, units = token_units(block_idx, N, block_size, query_block, cu_seqlens)
             plan = _Plan(B, N, Hkv, G, block_size, tok_units, units, {})

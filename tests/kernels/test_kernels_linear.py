@@ -106,10 +106,21 @@ def test_float64_falls_back_to_reference():
 
 
 def test_tile_configs_agree():
-    # The unsplit backward products, other row tiles, two super-chunks per scan step, and the smallest-memory
-    # table entry: same results within the same tolerances.
+    # The unsplit backward products, other row tiles, two super-chunks per scan step, and the table's entry for
+    # float32 inputs (half the key-gradient rows): same results within the same tolerances.
     from spla_kernels.config import _LINEAR
 
-    for config in (LinearConfig(super_target=1, bwd_split=False, out_rows=32, dkdv_rows=32, scan_chunks=2,
-                                ), _LINEAR["default"]):
+    for config in (LinearConfig(super_target=1, bwd_split=False, out_rows=32, dkdv_rows=16, scan_chunks=2),
+                   _LINEAR["sm90", True]):
         _check(1, 130, 4, 2, 16, 17, torch.bfloat16, cu=[0, 100, 130], tol_out=1e-4, tol_grad=2e-2, config=config)
+
+
+def test_declines_where_the_table_has_no_tiles(monkeypatch):
+    # sm89 has no linear-attention tiles (160 KiB of shared memory at F = Dv = 128): NotImplementedError before
+    # any launch, so spla_lit.ops runs its reference.
+    monkeypatch.setattr(lin, "arch_of", lambda device: "sm89")
+    q, k, v = (torch.rand(1, 8, h, 16) for h in (2, 1, 1))
+    with pytest.raises(NotImplementedError, match="sm89"):
+        lin.causal_linear_attention(q, k, v)
+    out = causal_linear_attention(q, k, v, impl="auto")  # CPU tensors: the reference, whatever the kernels say
+    assert torch.isfinite(out).all()

@@ -106,10 +106,11 @@ def test_dispatch_through_op():
 
 def test_scale_and_tile_configs():
     # An explicit softmax scale, the single-product covariance term, other tiles (BN > padded topk, 2 tokens per
-    # program) and the smallest-memory table entry: all pick the reference's blocks.
+    # program) and the table entries of the smallest-memory class: all pick the reference's blocks.
     from spla_kernels.config import _SELECT
 
-    for config in (SelectConfig(rows=8, blocks_per_step=16, warps=2, stages=1, quad_split=False), _SELECT["default"]):
+    for config in (SelectConfig(rows=8, blocks_per_step=16, warps=2, stages=1, quad_split=False),
+                   _SELECT["default", False], _SELECT["default", True]):
         _check(1, 130, 4, 1, 16, torch.bfloat16, block_size=8, topk=5, scale=0.3, config=config)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import spla_kernels.sparse as S
-from spla_kernels.config import _SPARSE, SparseConfig
+from spla_kernels.config import SparseConfig
 from spla_lit import ops
 
 POISONED = (S,)
@@ -105,11 +105,10 @@ def test_fused_matches_reference(case):
 
 @pytest.mark.parametrize("config", [SparseConfig(fwd_rows=16, dq_rows=16, dkv_rows=16, window=8),
                                     SparseConfig(fwd_rows=64, dq_rows=64, dkv_rows=64, window=None),
-                                    SparseConfig(fwd_rows=32, dq_rows=32, dkv_rows=32, window=16),
-                                    _SPARSE["default"]], ids=["16-w8", "64-whole", "32-w16", "default"])
+                                    SparseConfig(fwd_rows=32, dq_rows=32, dkv_rows=32, window=16)],
+                         ids=["16-w8", "64-whole", "32-w16"])
 def test_tile_configs_agree(config):
-    """Other group sizes and dK/dV windows (several items per unit: the atomics), and the smallest-memory table
-    entry, give the same result."""
+    """Other group sizes and dK/dV windows (several items per unit: the atomics) give the same result."""
     q, k, v, pq, pk = _inputs(1, 48, 8, 2, 16, torch.float32, 7 + config.fwd_rows)
     idx = ops.score_and_select(q, k, block_size=16, topk=2, impl="reference")  # a real scorer's selection
     _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.float32, 3, config=config)
@@ -265,3 +264,15 @@ def test_transposed_items_match_brute_force(window, cu):
             assert i >= len(keys), "an empty item before the end of the list"
     assert [k for k, _ in got] == keys
     assert all(toks == expected[k] for k, toks in got)
+
+
+def test_declines_where_the_table_has_no_tiles(monkeypatch):
+    """A GPU class whose table entry is None (float32 on sm89) raises NotImplementedError before any launch
+    (spla_lit.ops then runs its reference); an explicit config still runs."""
+    monkeypatch.setattr(S, "arch_of", lambda device: "sm89")
+    q, k, v, pq, pk = _inputs(1, 20, 2, 1, 16, torch.float32, 61)
+    idx = _random_idx(1, 1, 20, 16, 2, 1, 61)
+    with pytest.raises(NotImplementedError, match="sm89"):
+        S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25)
+    o, _ = S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25, config=SparseConfig())
+    assert _rel(o, ops.block_sparse_attention(q, k, v, idx, block_size=16, scale=0.25, impl="reference")) < 1e-5
