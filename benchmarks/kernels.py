@@ -1,41 +1,57 @@
-"""Benchmark of the SPLA kernels against dense SDPA, fla NSA, FlexAttention and fla linear attention.
+"""Benchmark of the SPLA kernels against dense SDPA, fla NSA, FlexAttention and fla linear attention (GPU).
 
-    python -m spla_kernels.bench [--n 8192 65536] [--rows sdpa,nsa,sparse,...] [--check [--check-level quick]]
-                                 [--sweep 65536] [--configs JSON] [--flex-min-n 65536] [--deadline S] [--out t.md]
-    TRITON_INTERPRET=1 python -m spla_kernels.bench --device cpu --n 256 --rows sparse,fused   # smoke test
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/kernels.py [--n 65536 131072] [--rows nsa,sdpa,sparse,...]
+        [--modes fwd,fwdbwd] [--check [--check-level quick]] [--sweep 65536] [--configs JSON]
+        [--flex-min-n 65536] [--deadline S] [--out DIR]
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD:$PWD/kernels python benchmarks/kernels.py --device cpu --n 256 \
+        --rows sparse,fused,linear,select,spla    # smoke test of the script: tiny shape, times mean nothing
 
-Each N runs in its own process (a crash in one kernel loses that N only); ``--sweep`` prints the chosen
-tile configurations as JSON, which ``--configs`` takes back in a later call.
+Each N runs in its own process (a crash in one kernel loses that N only). ``--out DIR`` writes the table to
+``DIR/kernels.md`` and the log to ``DIR/kernels.log`` (``.partial`` until the run ends). ``--sweep N`` times
+tile candidates of the sparse kernels and prints the winners as JSON, which ``--configs`` takes back: they
+apply to the ``sparse``, ``sparse_rand`` and ``fused`` rows (``spla`` runs the op as shipped, with the
+per-device tile table).
 
-Setup: B=1, Hq=32, Hkv=2, D=128, bf16, blocks of 64, top-16 blocks per token (diagonal included).
-Selections come from the Taylor-2 scorer on "real-looking" inputs (a smooth low-frequency component plus
-noise, so neighbouring tokens pick similar blocks) or are drawn at random. Times are medians of CUDA-event
-timings (``triton.testing.do_bench``); memory is ``torch.cuda.max_memory_allocated`` during one call.
-Rows that fail or run out of memory are reported and skipped.
+Setup (workload.py): B=1, Hq=32, Hkv=2, D=128, bf16, blocks of 64, top-16 blocks per token (diagonal
+included). Selections come from the fused taylor2 selection on "real-looking" inputs or are drawn at
+random (``_rand`` rows). Times are medians of CUDA-event timings (``triton.testing.do_bench``); memory is
+``torch.cuda.max_memory_allocated`` during one call. For fused, sparse and spla fwd+bwd a per-stage
+breakdown is read with ``torch.profiler`` from the kernels' ``record_function`` ranges. Rows that fail or run
+out of memory are reported and skipped. Peers need fla (``fla-core``, ``flash-linear-attention``).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
+import workload
+from workload import BS, HKV, HQ, SCALE, TOPK, B, D, G, chunked_select, make_inputs, real_selection
 
-B, HQ, HKV, D, BS, TOPK = 1, 32, 2, 128, 64, 16
-G = HQ // HKV
-SCALE = D**-0.5
-DEV = "cuda"  # --device cpu (with TRITON_INTERPRET=1) runs the machinery on tiny sizes, for a smoke test
+from spla_kernels.config import SparseConfig
+
+DEV = "cuda"  # --device cpu (with TRITON_INTERPRET=1) runs the machinery at tiny sizes, for a smoke test
 ALL_ROWS = ("sdpa", "nsa", "nsa_rand", "flex", "fla_linear", "sparse", "sparse_rand", "fused", "select", "spla",
             "linear")
+LOG_FILE = None  # the --out log, appended to by the parent and its children
 
 
 def log(*a) -> None:
-    print(*a, flush=True)
+    line = " ".join(str(x) for x in a)
+    print(line, flush=True)
+    if LOG_FILE is not None:
+        with open(LOG_FILE, "a") as f:
+            f.write(line + "\n")
 
 
 def _sync() -> None:
@@ -48,85 +64,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------------------------- inputs
-
-
-def smooth(n: int, heads: int, gen: torch.Generator, noise: float, dev: str, n_freq: int = 8) -> torch.Tensor:
-    """[1, n, heads, D] bf16: a sum of low-frequency cosines along the sequence (random directions) plus noise."""
-    t = torch.arange(n, device=dev, dtype=torch.float32)[:, None, None]
-    x = torch.zeros(n, heads, D, device=dev)
-    for f in range(n_freq):
-        freq = (torch.rand(1, generator=gen).item() * 8 + 0.5) * 2 * math.pi / 8192 * 2 ** (f / 2)
-        u = torch.randn(1, heads, D, generator=gen).to(dev)
-        x += torch.cos(freq * t + torch.rand(1, generator=gen).item() * 6.28) * u
-    x = x / math.sqrt(n_freq) + noise * torch.randn(n, heads, D, generator=gen).to(dev)
-    return x[None].to(torch.bfloat16)
-
-
-def make_inputs(n: int, seed: int = 0, noise: float = 0.5, dev: str | None = None):
-    dev = DEV if dev is None else dev
-    g = torch.Generator().manual_seed(seed)
-    q = smooth(n, HQ, g, noise, dev)
-    k = smooth(n, HKV, g, noise, dev)
-    v = torch.randn(1, n, HKV, D, generator=g).to(dev, torch.bfloat16)
-    return q, k, v
-
-
-def chunked_select(q: torch.Tensor, k: torch.Tensor, *, topk: int = TOPK, block_size: int = BS,
-                   query_block: int = 1, random: bool = False, chunk: int = 2048, seed: int = 0) -> torch.Tensor:
-    """Taylor-2 (diag) block scores reduced over the G heads by log-sum-exp, then top-k with the diagonal
-    forced, computed per chunk of queries so that the score matrix never exists whole (int32
-    [B, Hkv, nQ, topk], ascending, -1 padded). ``random``: uniform scores instead."""
-    from spla_lit.ops import block_key_stats
-
-    Bq, N, Hq, Dq = q.shape
-    Hkv = k.shape[2]
-    nK = -(-N // block_size)
-    cnt, mean, var = block_key_stats(k, block_size, "diag")
-    gen = torch.Generator(device=q.device).manual_seed(seed)
-    chunk = max(query_block, chunk // query_block * query_block)
-    out = []
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        nq = -(-(e - s) // query_block)
-        if random:
-            sc = torch.rand(Bq, Hkv, nq, nK, device=q.device, generator=gen)
-        else:
-            qc = q[:, s:e].float().view(Bq, e - s, Hkv, Hq // Hkv, Dq).permute(0, 2, 3, 1, 4)
-            lm = cnt.log() + SCALE * torch.einsum("bhgnd,bhkd->bhgnk", qc, mean)
-            lm = lm + 0.5 * SCALE**2 * torch.einsum("bhgnd,bhkd->bhgnk", qc.square(), var)
-            if query_block > 1:
-                pad = nq * query_block - (e - s)
-                lm = F.pad(lm, (0, 0, 0, pad)).view(*lm.shape[:3], nq, query_block, nK).mean(4)
-            sc = lm.logsumexp(2)
-        t = s // query_block + torch.arange(nq, device=q.device)
-        last = torch.clamp((t + 1) * query_block - 1, max=N - 1)
-        diag = last // block_size
-        first = (t * query_block) // block_size
-        b = torch.arange(nK, device=q.device)
-        forced = (b[None] >= first[:, None]) & (b[None] <= diag[:, None])
-        sc = sc.masked_fill(b[None] > diag[:, None], float("-inf")).masked_fill(forced, float("inf"))
-        vals, idx = sc.topk(min(topk, nK), dim=-1)
-        idx = torch.where(vals == float("-inf"), nK, idx).sort(-1).values
-        idx = torch.where(idx == nK, -1, idx)
-        out.append(F.pad(idx, (0, topk - idx.shape[-1]), value=-1).to(torch.int32))
-    return torch.cat(out, dim=2)
-
-
-def real_selection(q, k, query_block: int = 1):
-    from spla_lit.ops._dispatch import kernel
-
-    if query_block == 1 and kernel("select_blocks_fused") is not None:
-        from spla_lit.ops import score_and_select
-
-        try:
-            return score_and_select(q, k, block_size=BS, topk=TOPK), "fused select kernel"
-        except Exception as e:  # noqa: BLE001 - fall back to the torch scorer, say so
-            log(f"fused selection failed ({type(e).__name__}: {e}"[:300] + "); using the chunked torch scorer")
-    return chunked_select(q, k, query_block=query_block), "chunked torch scorer"
-
-
-# ------------------------------------------------------------------------------------------- timing
+# ------------------------------------------------------------------------------------------------ timing
 
 
 def bench(fn: Callable[[], object], slow: bool = False) -> tuple[float, float]:
@@ -182,7 +120,48 @@ def sparse_flops(idx: torch.Tensor, n: int, query_block: int = 1) -> float:
     return 4.0 * D * keys * G
 
 
-# ---------------------------------------------------------------------------------------------- rows
+def breakdown(fn: Callable[[], object], label: str) -> None:
+    """Time per stage of one call of ``fn``, read with torch.profiler from the kernels' ``record_function``
+    ranges (``spla_kernels.*``): on CUDA the GPU span of each range and of the whole call (CUDA events), as
+    the ranges' GPU-side annotations give them (the kernels they launched, when a profiler build has none);
+    in the smoke test, CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    _sync()
+    try:
+        with profile(activities=acts) as prof:
+            if DEV == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                total = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                total = (time.perf_counter() - t0) * 1e3
+    except Exception as e:  # noqa: BLE001 - the breakdown is extra information, never the run's failure
+        log(f"breakdown {label}: profiler failed: {type(e).__name__}: {e}"[:300])
+        return
+    ours = [e for e in prof.events() if e.name.startswith("spla_kernels.")]
+    gpu_spans = [e for e in ours if e.device_type == DeviceType.CUDA]
+    if DEV == "cuda" and gpu_spans:
+        what, times = "GPU spans", [(e.name, e.device_time) for e in gpu_spans]
+    elif DEV == "cuda":
+        what, times = "GPU time of the kernels launched", [(e.name, e.device_time_total) for e in ours]
+    else:
+        what, times = "CPU time", [(e.name, e.cpu_time_total) for e in ours if e.device_type == DeviceType.CPU]
+    stages: dict[str, float] = {}
+    for name, us in times:
+        stages[name] = stages.get(name, 0.0) + us / 1e3
+    parts = ", ".join(f"{name.removeprefix('spla_kernels.')} {ms:.2f}" for name, ms in stages.items())
+    log(f"breakdown {label} ({what}, ms): total {total:.2f} = [{parts}] + other {total - sum(stages.values()):.2f}")
+
+
+# -------------------------------------------------------------------------------------------------- rows
 
 
 def row_sdpa(q, k, v):
@@ -250,26 +229,27 @@ def row_fla_linear(q, k, v):
     return (lambda: chunk_linear_attn(qq, kk, vv)[0]), [qq, kk, vv]
 
 
-def row_sparse(q, k, v, idx):
+def row_sparse(q, k, v, idx, config: SparseConfig | None = None):
     from spla_kernels.sparse import block_sparse_attention
 
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-    return (lambda: block_sparse_attention(qq, kk, vv, idx, block_size=BS, query_block=1, scale=SCALE)[0],
-            [qq, kk, vv])
+    return (lambda: block_sparse_attention(qq, kk, vv, idx, block_size=BS, query_block=1, scale=SCALE,
+                                           config=config)[0], [qq, kk, vv])
 
 
-def row_fused(q, k, v, idx):
+def row_fused(q, k, v, idx, config: SparseConfig | None = None):
     from spla_kernels.sparse import sparse_attention_with_selected_linear
 
     pq, pk = ((F.elu(x.float()) + 1).to(x.dtype).detach().requires_grad_() for x in (q, k))
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
     return (lambda: sparse_attention_with_selected_linear(qq, kk, vv, pq, pk, idx, block_size=BS, query_block=1,
-                                                          scale=SCALE, with_normalizer=True)[::2],
+                                                          scale=SCALE, with_normalizer=True, config=config)[::2],
             [qq, kk, vv, pq, pk])
 
 
 def row_linear(q, k, v):
-    from spla_lit.ops import causal_linear_attention
+    """The global linear attention of SPLA's residual: elu + 1 features, the value with its ones column."""
+    from spla_kernels.linear import causal_linear_attention
 
     pq, pk = ((F.elu(x.float()) + 1).to(x.dtype).detach().requires_grad_() for x in (q, k))
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1).detach().requires_grad_()
@@ -280,23 +260,29 @@ def row_select(q, k, v):
     return (lambda: real_selection(q, k)[0]), []
 
 
+def spla_op(q, k, v, block_idx=None):
+    """The full SPLA op as the model runs it (``spla_lit.ops.spla_attention``: selection, fused sparse +
+    selected-linear, residual, combine) with the benchmark's selection. The one call of the ops API here."""
+    from spla_lit.ops import spla_attention
+
+    return spla_attention(q, k, v, block_size=BS, topk=TOPK, block_idx=block_idx)
+
+
 def row_spla(q, k, v):
     """The full SPLA op: scoring + selection + fused sparse/selected-linear + global linear + combine."""
-    from spla_lit.ops import spla_attention
     from spla_lit.ops._dispatch import kernel
 
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-    if kernel("select_blocks_fused") is not None:
-        return (lambda: spla_attention(qq, kk, vv, block_size=BS, topk=TOPK)), [qq, kk, vv]
+    if DEV == "cuda" and kernel("select_blocks_fused") is not None:
+        return (lambda: spla_op(qq, kk, vv)), [qq, kk, vv]
 
     def f():  # no fused selection kernel: the chunked scorer stands in (the reference is O(N * nK * G) memory)
-        idx = chunked_select(qq.detach(), kk.detach())
-        return spla_attention(qq, kk, vv, block_size=BS, topk=TOPK, block_idx=idx)
+        return spla_op(qq, kk, vv, block_idx=chunked_select(qq.detach(), kk.detach()))
 
     return f, [qq, kk, vv]
 
 
-# --------------------------------------------------------------------------------------------- checks
+# ------------------------------------------------------------------------------------------------ checks
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -342,7 +328,7 @@ def check(n: int, random: bool, n_rows: int = 256, full: bool = False, seed: int
     from spla_kernels.sparse import sparse_attention_with_selected_linear
     from spla_lit import ops
 
-    q, k, v = make_inputs(n, seed=seed + n)
+    q, k, v = make_inputs(n, DEV, seed=seed + n)
     idx = chunked_select(q, k, random=random, seed=seed)
     pq, pk = ((F.elu(x.float()) + 1).to(x.dtype) for x in (q, k))
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, pq, pk)]
@@ -412,7 +398,7 @@ def check_small_shapes(shapes=((1000, 4, 4, 64, None), (1500, 8, 2, 128, [0, 300
     return ok
 
 
-# ---------------------------------------------------------------------------------------------- sweep
+# ------------------------------------------------------------------------------------------------- sweep
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -423,38 +409,41 @@ def _timed(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def _try_configs(mode: str, field_sets: list[dict], fn: Callable[[], object], label: str) -> None:
-    """Time ``fn`` under each field override of ``CONFIGS[mode]``; keep the fastest."""
-    import spla_kernels.sparse as S
-
-    base = S.SparseConfig(**vars(S.CONFIGS[mode]))
+def _try_configs(base: SparseConfig, field_sets: list[dict], make: Callable[[SparseConfig], Callable[[], object]],
+                 label: str) -> SparseConfig:
+    """Time ``make(config)()`` for ``base`` with each field override; return the fastest config."""
     best = None
     for fields in field_sets:
-        S.CONFIGS[mode] = S.SparseConfig(**{**vars(base), **fields})
+        cfg = replace(base, **fields)
         try:
-            ms = _timed(fn)
+            ms = _timed(make(cfg))
         except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is skipped
-            log(f"sweep {mode} {label} {fields}: failed {type(e).__name__}: {e}"[:300])
+            log(f"sweep {label} {fields}: failed {type(e).__name__}: {e}"[:300])
             continue
-        log(f"sweep {mode} {label} {fields}: {ms:.2f} ms")
+        log(f"sweep {label} {fields}: {ms:.2f} ms")
         if best is None or ms < best[0]:
-            best = (ms, fields)
-    S.CONFIGS[mode] = S.SparseConfig(**{**vars(base), **(best[1] if best else {})})
+            best = (ms, cfg)
+    return base if best is None else best[1]
 
 
-def sweep(n: int) -> None:
-    """Tile sweep at N = n for the softmax-only and the fused kernels; keeps the fastest in ``CONFIGS``."""
-    import spla_kernels.sparse as S
-
-    q, k, v = make_inputs(n)
+def sweep(n: int, configs: dict[str, SparseConfig]) -> dict[str, SparseConfig]:
+    """Tile sweep at N = n for the softmax-only and the fused kernels; returns the fastest configs."""
+    q, k, v = make_inputs(n, DEV)
     idx, _ = real_selection(q, k)
+    found = {}
     for mode, row in (("fused", row_fused), ("sparse", row_sparse)):
-        fn, ins = row(q, k, v, idx)
-        fb = fwd_bwd(fn, ins)
 
-        def f(fn=fn):
-            with torch.no_grad():
-                fn()
+        def fwd(cfg, row=row):
+            fn, _ = row(q, k, v, idx, cfg)
+
+            def f():
+                with torch.no_grad():
+                    fn()
+
+            return f
+
+        def fb(cfg, row=row):
+            return fwd_bwd(*row(q, k, v, idx, cfg))
 
         if mode == "fused":
             fwd_t, dq_t, dkv_t = [(16, 4, 2), (16, 4, 3), (64, 4, 1)], [(16, 4, 2), (16, 4, 3)], [(16, 4, 2),
@@ -462,38 +451,22 @@ def sweep(n: int) -> None:
         else:
             fwd_t, dq_t, dkv_t = [(16, 4, 2), (32, 4, 2), (64, 4, 2), (128, 8, 2)], [(16, 4, 2), (64, 4, 2)], [
                 (16, 4, 2), (32, 4, 1)]
-        _try_configs(mode, [dict(fwd_rows=r, fwd_warps=w, fwd_stages=st) for r, w, st in fwd_t], f, "fwd")
-        _try_configs(mode, [dict(dq_rows=r, dq_warps=w, dq_stages=st) for r, w, st in dq_t], fb, "fwd+bwd")
-        _try_configs(mode, [dict(dkv_rows=r, dkv_warps=w, dkv_stages=st) for r, w, st in dkv_t], fb, "fwd+bwd")
+        cfg = configs[mode]
+        cfg = _try_configs(cfg, [dict(fwd_rows=r, fwd_warps=w, fwd_stages=s) for r, w, s in fwd_t], fwd, f"{mode} fwd")
+        cfg = _try_configs(cfg, [dict(dq_rows=r, dq_warps=w, dq_stages=s) for r, w, s in dq_t], fb,
+                           f"{mode} fwd+bwd")
+        cfg = _try_configs(cfg, [dict(dkv_rows=r, dkv_warps=w, dkv_stages=s) for r, w, s in dkv_t], fb,
+                           f"{mode} fwd+bwd")
         if mode == "fused":
-            _try_configs(mode, [dict(window=w) for w in (2048, 1024, 4096)], fb, "fwd+bwd")
-        log(f"sweep: {mode} uses {S.CONFIGS[mode]}")
-        breakdown(fb, f"{mode} fwd+bwd N={n}")
-        del fn, ins, fb
+            cfg = _try_configs(cfg, [dict(window=w) for w in (2048, 1024, 4096)], fb, f"{mode} fwd+bwd")
+        log(f"sweep: {mode} uses {cfg}")
+        breakdown(fb(cfg), f"{mode} fwd+bwd N={n}")
+        found[mode] = cfg
     _free()
+    return found
 
 
-def breakdown(fn: Callable[[], object], label: str) -> None:
-    """Print the time of each stage of the sparse ops during one call of ``fn`` (CUDA events)."""
-    import spla_kernels.sparse as S
-
-    if DEV != "cuda":
-        return
-    torch.cuda.synchronize()
-    S.TIMINGS = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    stages, S.TIMINGS = S.TIMINGS, None
-    total = start.elapsed_time(end)
-    parts = ", ".join(f"{name} {s.elapsed_time(e):.2f}" for name, s, e in stages)
-    inside = sum(s.elapsed_time(e) for _, s, e in stages)
-    log(f"breakdown {label}: total {total:.2f} ms = [{parts}] + other {total - inside:.2f} ms")
-
-
-# ----------------------------------------------------------------------------------------------- main
+# -------------------------------------------------------------------------------------------------- main
 
 
 def union_stats(idx: torch.Tensor, n: int) -> str:
@@ -503,13 +476,14 @@ def union_stats(idx: torch.Tensor, n: int) -> str:
     parts = []
     for bq in (1, 2, 4, 8):
         parts.append(f"bq={bq}: {query_groups(tu, bq).count.float().mean().item():.1f}")
-    return "mean union of selected blocks per query group (topk=16): " + ", ".join(parts)
+    return f"mean union of selected blocks per query group (topk={TOPK}): " + ", ".join(parts)
 
 
-def run_rows(n: int, rows: list[str], modes: list[str], deadline: float, flex_min_n: int) -> list[dict]:
+def run_rows(n: int, rows: list[str], modes: list[str], deadline: float, flex_min_n: int,
+             configs: dict[str, SparseConfig]) -> list[dict]:
     """Every row at one N (in this process)."""
     results = []
-    q, k, v = make_inputs(n)
+    q, k, v = make_inputs(n, DEV)
     t0 = time.perf_counter()
     idx, how = real_selection(q, k)
     _sync()
@@ -537,9 +511,9 @@ def run_rows(n: int, rows: list[str], modes: list[str], deadline: float, flex_mi
             elif name == "fla_linear":
                 fn, ins = row_fla_linear(q, k, v)
             elif name in ("sparse", "sparse_rand"):
-                fn, ins = row_sparse(q, k, v, idx if name == "sparse" else idx_rand)
+                fn, ins = row_sparse(q, k, v, idx if name == "sparse" else idx_rand, configs.get("sparse"))
             elif name == "fused":
-                fn, ins = row_fused(q, k, v, idx)
+                fn, ins = row_fused(q, k, v, idx, configs.get("fused"))
             elif name == "linear":
                 fn, ins = row_linear(q, k, v)
             elif name == "select":
@@ -603,22 +577,21 @@ def markdown(results: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _child(n: int, a: argparse.Namespace, deadline_s: float) -> list[dict]:
-    """Run one N in a subprocess, so that a crash (an illegal address in some kernel) loses that N only."""
-    import json
-    import os
-    import subprocess
-    import tempfile
+def _configs_json(configs: dict[str, SparseConfig]) -> str:
+    return json.dumps({m: asdict(c) for m, c in configs.items()})
 
+
+def _child(n: int, a: argparse.Namespace, deadline_s: float, configs: dict[str, SparseConfig]) -> list[dict]:
+    """Run one N in a subprocess, so that a crash (an illegal address in some kernel) loses that N only."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
-    import spla_kernels.sparse as S
-
-    cfg = json.dumps({m: vars(c) for m, c in S.CONFIGS.items()})
-    cmd = [sys.executable, "-m", "spla_kernels.bench", "--child-json", path, "--device", a.device, "--n", str(n),
-           "--rows", a.rows,
-           "--modes", a.modes, "--configs", cfg, "--deadline", str(max(1.0, deadline_s)),
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-json", path, "--device", a.device, "--n", str(n),
+           "--rows", a.rows, "--modes", a.modes, "--deadline", str(max(1.0, deadline_s)),
            "--flex-min-n", str(a.flex_min_n)]
+    if configs:
+        cmd += ["--configs", _configs_json(configs)]
+    if LOG_FILE is not None:
+        cmd += ["--log-file", LOG_FILE]
     try:
         r = subprocess.run(cmd, timeout=max(10.0, deadline_s + 90))
         if r.returncode:
@@ -632,51 +605,74 @@ def _child(n: int, a: argparse.Namespace, deadline_s: float) -> list[dict]:
         os.unlink(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import json
+def _write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name (never a half-written file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
+
+def _use_tiny_shape() -> None:
+    """The CPU smoke test's shape (``workload.use_tiny_shape``), in this module's constants too."""
+    global B, HQ, HKV, D, BS, TOPK, G, SCALE
+    workload.use_tiny_shape()
+    B, HQ, HKV, D, BS, TOPK, G, SCALE = (workload.B, workload.HQ, workload.HKV, workload.D, workload.BS,
+                                         workload.TOPK, workload.G, workload.SCALE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEV, LOG_FILE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma list from {','.join(ALL_ROWS)}")
-    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="comma list from fwd,fwdbwd")
     p.add_argument("--check", action="store_true", help="correctness against float64 first")
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--check-level", choices=("quick", "full"), default="full",
                    help="quick: the benchmark's shape at N=2048 against the dense float64 reference only")
-    p.add_argument("--sweep", type=int, default=0, help="tile sweep of our kernels at this N first")
-    p.add_argument("--out", default="-", help="Markdown table path (- for stdout)")
+    p.add_argument("--sweep", type=int, default=0, help="tile sweep of the sparse kernels at this N first")
+    p.add_argument("--out", default="", help="folder for kernels.md (the table) and kernels.log")
     p.add_argument("--deadline", type=float, default=float("inf"),
                    help="seconds after start past which no new row starts (the table is still written)")
     p.add_argument("--flex-min-n", type=int, default=0, help="FlexAttention rows only from this N (compile time)")
-    p.add_argument("--configs", default="", help="JSON {mode: SparseConfig fields} to start from")
+    p.add_argument("--configs", default="", help="JSON {'sparse'|'fused': SparseConfig fields} for the direct rows")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cpu: a smoke test of the script under TRITON_INTERPRET=1 (tiny N; times mean nothing)")
+                   help="cpu: a smoke test of the script under TRITON_INTERPRET=1 (tiny shape; times mean nothing)")
     p.add_argument("--child-json", default="", help=argparse.SUPPRESS)
+    p.add_argument("--log-file", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    global DEV
     DEV = a.device
+    rows = [r for r in a.rows.split(",") if r]
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [r for r in rows if r not in ALL_ROWS] + [m for m in modes if m not in ("fwd", "fwdbwd")]
+    if bad:
+        p.error(f"unknown rows / modes: {', '.join(bad)}")
     if DEV == "cuda" and not torch.cuda.is_available():
-        log("no CUDA device")
+        log("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke test)")
         return 1
+    if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        log("--device cpu needs TRITON_INTERPRET=1 (the kernels run in Triton's interpreter)")
+        return 1
+    if DEV == "cpu":
+        _use_tiny_shape()
+    configs = {m: SparseConfig(**c) for m, c in json.loads(a.configs).items()} if a.configs else {}
     start = time.monotonic()
     deadline = start + a.deadline
-    import spla_kernels.sparse as S
-
-    if a.configs:
-        for m, c in json.loads(a.configs).items():
-            S.CONFIGS[m] = S.SparseConfig(**c)
-    rows = [r for r in a.rows.split(",") if r]
-    modes = a.modes.split(",")
     if a.child_json:
+        LOG_FILE = a.log_file or None
         res = []
         try:
-            res = run_rows(a.n[0], rows, modes, deadline, a.flex_min_n)
+            res = run_rows(a.n[0], rows, modes, deadline, a.flex_min_n, configs)
         finally:
-            with open(a.child_json, "w") as f:
-                json.dump(res, f)
+            _write(a.child_json, json.dumps(res))
         return 0
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        LOG_FILE = os.path.join(a.out, "kernels.log.partial")
+        open(LOG_FILE, "w").close()
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)"
-    log(f"device {device}, torch {torch.__version__}")
+    log(f"device {device}, torch {torch.__version__}; {' '.join(sys.argv)}")
     ok = True
     if a.check or a.check_only:
         checks = [lambda: check(2048, True, full=True)]
@@ -690,23 +686,28 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"check failed: {type(e).__name__}: {e}"[:400])
                 traceback.print_exc(limit=4)
         log("CHECKS " + ("PASSED" if ok else "FAILED"))
-        if a.check_only:
-            return 0 if ok else 1
-    if a.sweep:
-        sweep(a.sweep)
-    log(f"configs: {json.dumps({m: vars(c) for m, c in S.CONFIGS.items()})}")
-    _free()
-    results: list[dict] = []
-    for n in a.n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            log(f"deadline reached: N={n} and later are skipped")
-            break
-        results += _child(n, a, left)
-        if a.out != "-":
-            with open(a.out, "w") as f:
-                f.write(markdown(results, device))
-    sys.stdout.write(markdown(results, device))
+    if not a.check_only:
+        if a.sweep:
+            from spla_kernels.config import arch_of, sparse_config
+
+            arch = arch_of(DEV)
+            base = {m: configs.get(m) or sparse_config(arch, fused=m == "fused", dtype=torch.bfloat16, dim=D)
+                    for m in ("sparse", "fused")}
+            configs = sweep(a.sweep, base)
+            log(f"configs (--configs): {_configs_json(configs)}")
+        _free()
+        results: list[dict] = []
+        for n in a.n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log(f"deadline reached: N={n} and later are skipped")
+                break
+            results += _child(n, a, left, configs)
+            if a.out:
+                _write(os.path.join(a.out, "kernels.md"), markdown(results, device))
+        sys.stdout.write(markdown(results, device))
+    if a.out:
+        os.replace(LOG_FILE, os.path.join(a.out, "kernels.log"))
     return 0 if ok else 1
 
 

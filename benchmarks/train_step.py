@@ -1,7 +1,9 @@
 """Training-step throughput of the decoder LM with SPLA vs dense attention (GPU).
 
-    python scripts/bench_train_step.py --n 16384 32768 --models spla,sparse,dense [--out table.md]
-    python scripts/bench_train_step.py --n 16384 --models spla --layers 32 --heads 8 --batch 1 2 --host
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/train_step.py --n 16384 32768 --models spla,sparse,dense \
+        [--out table.md]
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/train_step.py --n 16384 --models spla --layers 32 --heads 8 \
+        --batch 1 2 --host
 
 One optimizer step = forward + backward + AdamW on a bf16-autocast model (Hq=32, Hkv=2, head dim 128,
 blocks of 64, top-16 by default); tokens/s from CUDA-event timings of ``--steps`` steps after ``--warmup``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import time
@@ -179,8 +182,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out != "-":
-        with open(args.out, "w") as f:
+        tmp = args.out + ".tmp"  # never a half-written table
+        with open(tmp, "w") as f:
             f.write(text)
+        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Bandwidth of the collectives FSDP uses (all-gather, reduce-scatter) and DDP uses (all-reduce), GPU.
 
-    torchrun --nproc-per-node 2 scripts/bench_collectives.py --mib 22 44 88 710
+    torchrun --nproc-per-node 2 benchmarks/collectives.py --mib 22 44 88 710
 
 Sizes are the full (gathered) tensor per rank in MiB; 22/44 MiB are one block of the ~355M check model in
 bf16/fp32, 710 MiB the whole model in bf16. Prints, on rank 0, the median time of ``--iters`` calls (CUDA
