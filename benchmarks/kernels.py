@@ -36,22 +36,13 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 import workload
-from workload import BS, HKV, HQ, SCALE, TOPK, B, D, G, chunked_select, make_inputs, real_selection
+from workload import BS, HKV, HQ, SCALE, TOPK, B, D, G, chunked_select, log, make_inputs, real_selection
 
 from spla_kernels.config import SparseConfig
 
 DEV = "cuda"  # --device cpu (with TRITON_INTERPRET=1) runs the machinery at tiny sizes, for a smoke test
 ALL_ROWS = ("sdpa", "nsa", "nsa_rand", "flex", "fla_linear", "sparse", "sparse_rand", "fused", "select", "spla",
             "linear")
-LOG_FILE = None  # the --out log, appended to by the parent and its children
-
-
-def log(*a) -> None:
-    line = " ".join(str(x) for x in a)
-    print(line, flush=True)
-    if LOG_FILE is not None:
-        with open(LOG_FILE, "a") as f:
-            f.write(line + "\n")
 
 
 def _sync() -> None:
@@ -590,8 +581,8 @@ def _child(n: int, a: argparse.Namespace, deadline_s: float, configs: dict[str, 
            "--flex-min-n", str(a.flex_min_n)]
     if configs:
         cmd += ["--configs", _configs_json(configs)]
-    if LOG_FILE is not None:
-        cmd += ["--log-file", LOG_FILE]
+    if workload.LOG_FILE is not None:
+        cmd += ["--log-file", workload.LOG_FILE]
     try:
         r = subprocess.run(cmd, timeout=max(10.0, deadline_s + 90))
         if r.returncode:
@@ -622,7 +613,7 @@ def _use_tiny_shape() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global DEV, LOG_FILE
+    global DEV
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     p.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma list from {','.join(ALL_ROWS)}")
@@ -660,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     deadline = start + a.deadline
     if a.child_json:
-        LOG_FILE = a.log_file or None
+        workload.LOG_FILE = a.log_file or None
         res = []
         try:
             res = run_rows(a.n[0], rows, modes, deadline, a.flex_min_n, configs)
@@ -669,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        LOG_FILE = os.path.join(a.out, "kernels.log.partial")
-        open(LOG_FILE, "w").close()
+        workload.LOG_FILE = os.path.join(a.out, "kernels.log.partial")
+        open(workload.LOG_FILE, "w").close()
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)"
     log(f"device {device}, torch {torch.__version__}; {' '.join(sys.argv)}")
     ok = True
@@ -707,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                 _write(os.path.join(a.out, "kernels.md"), markdown(results, device))
         sys.stdout.write(markdown(results, device))
     if a.out:
-        os.replace(LOG_FILE, os.path.join(a.out, "kernels.log"))
+        os.replace(workload.LOG_FILE, os.path.join(a.out, "kernels.log"))
     return 0 if ok else 1
 
 

@@ -22,7 +22,9 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+import workload
 from triton.testing import do_bench
+from workload import log
 
 import spla_kernels.linear as L
 import spla_kernels.select as S
@@ -30,16 +32,7 @@ from spla_kernels.config import LinearConfig, SelectConfig, arch_of, linear_conf
 from spla_lit.options import Selection
 
 HQ, HKV, D = 32, 2, 128
-LOG_FILE = None
 ROWS: list[str] = []  # summary lines
-
-
-def log(*a) -> None:
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    if LOG_FILE is not None:
-        with open(LOG_FILE, "a") as f:
-            f.write(s + "\n")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -318,7 +311,6 @@ SECTIONS = dict(lchk=linear_checks, lsweep=linear_sweep, lbench=linear_bench, sc
 
 
 def main(argv: list[str] | None = None) -> int:
-    global LOG_FILE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sections", nargs="*", default=["lchk", "lbench", "schk", "sbench"], choices=list(SECTIONS))
     p.add_argument("--dv129", action="store_true", help="lchk also checks Dv = 129 (D + the normalizer column)")
@@ -329,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        LOG_FILE = os.path.join(a.out, "linear_select.log.partial")
-        open(LOG_FILE, "w").close()
+        workload.LOG_FILE = os.path.join(a.out, "linear_select.log.partial")
+        open(workload.LOG_FILE, "w").close()
     log(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {torch.cuda.get_device_name()} torch {torch.__version__} "
         f"{a.sections}")
     torch.manual_seed(0)
@@ -347,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     log("== summary")
     for r in ROWS:
         log(r)
-    if LOG_FILE is not None:
-        os.replace(LOG_FILE, os.path.join(a.out, "linear_select.log"))
+    if workload.LOG_FILE is not None:
+        os.replace(workload.LOG_FILE, os.path.join(a.out, "linear_select.log"))
     return 0
 
 

@@ -1,6 +1,6 @@
 """The kernel benchmarks' workload: shapes, "real-looking" inputs and their block selections.
 
-Shared by ``kernels.py`` and ``residual_accuracy.py`` (run from the repository root
+Shared by ``kernels.py``, ``linear_select.py`` (its ``log``) and ``residual_accuracy.py`` (run from the repository root
 with ``PYTHONPATH=$PWD:$PWD/kernels``; this folder is the scripts' own, so they import it by name).
 
 Setup of every table in BENCHMARKS.md sections 0-3: B=1, Hq=32, Hkv=2, D=128, bf16, blocks of 64, top-16
@@ -32,8 +32,16 @@ def use_tiny_shape() -> None:
     G, SCALE, SELECTION = HQ // HKV, D**-0.5, Selection(block_size=BS, topk=TOPK)
 
 
+LOG_FILE: str | None = None  # a script's log file (--out), appended to by ``log`` besides stdout
+
+
 def log(*a) -> None:
-    print(*a, flush=True)
+    """Print a line (flushed) and append it to ``LOG_FILE`` when one is set."""
+    line = " ".join(str(x) for x in a)
+    print(line, flush=True)
+    if LOG_FILE is not None:
+        with open(LOG_FILE, "a") as f:
+            f.write(line + "\n")
 
 
 def smooth(n: int, heads: int, gen: torch.Generator, noise: float, dev: str, n_freq: int = 8) -> torch.Tensor:

@@ -137,7 +137,8 @@ def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
         config: tiles (None: the per-device table, ``spla_kernels.config``).
 
     Returns: float32 [B, N, Hq, Dv] ([.., Dv + 1] = [num, den] with return_normalizer).
-    Raises NotImplementedError for shapes or dtypes these kernels do not cover (the caller falls back).
+    Raises NotImplementedError for shapes or dtypes these kernels do not cover, or a GPU without table tiles
+    (the caller falls back).
     """
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
         raise ValueError("phi_q, phi_k and v must be [B, N, H, D]")

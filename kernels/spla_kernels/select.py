@@ -179,7 +179,7 @@ def select_blocks_fused(q: torch.Tensor, k: torch.Tensor, selection: Selection, 
     Returns ascending block indices, -1 padded; the forced local / sink blocks are always in.
     Raises NotImplementedError for what it does not fuse (mode ``window``, query_block > 1, the ``random`` /
     ``oracle`` scorers, full covariance, D > 256, more query heads per KV head than ``config.rows``,
-    topk > 1024), so that ``spla_lit.ops`` falls back to its reference.
+    topk > 1024) or a GPU without table tiles, so that ``spla_lit.ops`` falls back to its reference.
     """
     del generator
     launch = _prepare(q, k, selection, cu_seqlens, config)

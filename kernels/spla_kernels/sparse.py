@@ -10,7 +10,8 @@ and dQ passes group ``bq`` neighbouring tokens of a KV head (``bq * G`` tensor-c
 of their selections, masked per token; dK/dV walk the transposed selection (tokens per unit) and add
 into float32 buffers. All accumulation is float32.
 
-Tiles come from the ``config`` argument or the per-device table (``config.py``). Each stage runs inside a
+Tiles come from the ``config`` argument or the per-device table (``config.py``; where the table has no
+tiles for the GPU, the entry points raise NotImplementedError before launching). Each stage runs inside a
 ``torch.profiler.record_function`` range named ``spla_kernels.sparse: <stage>`` (free when no profiler
 runs; the benchmark reads its per-stage breakdown from them).
 """
