@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,19 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json(obj: Any, path: str | Path) -> Path:
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """``obj`` as strict JSON (NaN / inf as null), written atomically."""
+    return write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n", path)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
