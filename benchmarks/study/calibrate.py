@@ -64,10 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides for every run")
     p.add_argument("--max-steps", type=int, default=4000, help="trainer.max_steps: the LR schedule's length")
     p.add_argument("--val-every", type=int, default=100, help="trainer.val_check_interval")
-    p.add_argument("--train-s", type=float, default=170, help="deadline of the training phase (s)")
+    p.add_argument("--train-s", type=float, default=160, help="deadline of the training phase (s)")
     p.add_argument("--startup-s", type=float, default=35,
                    help="part of --train-s kept for start-up and the final checkpoint (max_time = the rest)")
-    p.add_argument("--eval-s", type=float, default=45, help="deadline of the evaluation phase (s)")
+    p.add_argument("--eval-s", type=float, default=40, help="deadline of the evaluation phase (s)")
     p.add_argument("--num-samples", type=int, default=100, help="eval samples per task at the training length")
     p.add_argument("--stage-a-train-s", type=float, default=420, help="stage A's --train-s, for the step suggestion")
     p.add_argument("--stage-a-startup-s", type=float, default=60, help="stage A's --startup-s")

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .report import table, write_json, write_text
+from .report import plot_accuracy, table, write_json, write_text
 from .sweep import read_scalars
 
 log = logging.getLogger(__name__)
@@ -378,40 +378,16 @@ def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, An
 def plot_study(summary: Mapping[str, Any], path: str | Path, title: str = "") -> Path | None:
     """Exact match (mean over tasks, %) vs context length per arm, with the 95% interval as a band.
     None (and a logged message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: skipping the figure (pip install -e '.[plot]')")
-        return None
-    lengths = summary["lengths"]
-    fig, ax = plt.subplots(figsize=(7.0, 4.4), dpi=120)
+    series: dict[str, dict[str, float]] = {}
+    bands: dict[str, dict[str, tuple[float, float]]] = {}
     for arm, v in summary["arms"].items():
-        pts = [(n, v["average"][str(n)]) for n in lengths if v["average"].get(str(n), {}).get("mean") is not None]
-        if not pts:
-            continue
-        xs = [n for n, _ in pts]
-        line, = ax.plot(xs, [100 * s["mean"] for _, s in pts], marker="o", label=ARM_TITLES.get(arm, arm))
-        if all(s["half"] is not None for _, s in pts):
-            ax.fill_between(xs, [100 * (s["mean"] - s["half"]) for _, s in pts],
-                            [100 * (s["mean"] + s["half"]) for _, s in pts], color=line.get_color(), alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("exact match, mean over tasks (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        name = ARM_TITLES.get(arm, arm)
+        stats = {n: s for n, s in v["average"].items() if s.get("mean") is not None}
+        if stats:
+            series[name] = {n: s["mean"] for n, s in stats.items()}
+            bands[name] = {n: (s["mean"] - s["half"], s["mean"] + s["half"]) for n, s in stats.items()
+                           if s.get("half") is not None}
+    return plot_accuracy(series, path, title=title, bands=bands)
 
 
 def record_name(record: Mapping[str, Any]) -> str:
