@@ -13,9 +13,10 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # spla_lit from this checkout, as the jobs (which run in ROOT) see it
@@ -206,3 +207,82 @@ def clip_log(path: Path, max_lines: int = 400) -> Path:
     out = path.with_name(path.name + ".clip")
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+# ------------------------------------------------------------------------------------------ the study's phases
+
+
+def train_length(tiny: bool, overrides: Sequence[str]) -> int:
+    """Training length of the runs: study_a's ``data.seq_len``, or the --tiny / --set override."""
+    from omegaconf import OmegaConf
+
+    length = OmegaConf.load(ROOT / "conf" / "experiment" / "study_a.yaml").data.seq_len
+    for o in (TINY_TRAIN if tiny else []) + list(overrides):
+        if o.startswith("data.seq_len="):
+            length = int(o.split("=", 1)[1])
+    return int(length)
+
+
+def default_impl(impl: str | None, device: str) -> str:
+    """Attention ops: ``auto`` (Triton) on CUDA, the PyTorch reference on the CPU, unless given."""
+    return impl or ("auto" if device == "cuda" else "reference")
+
+
+def eval_job(job: Job, device: str, impl: str, overrides: Sequence[str]) -> Job:
+    """``eval.py`` on a training job's last checkpoint, on the same GPU with the same thread caps; results in
+    ``<run>/eval/``, output in ``<run>/eval.out``."""
+    run = job.log.parent
+    argv = [sys.executable, "eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"output_dir={run / 'eval'}",
+            f"hydra.run.dir={run / 'eval'}", f"device={device}", f"impl={impl}", *overrides]
+    return Job(job.name, argv, run / "eval.out", dict(job.env), job.gpu)
+
+
+def has_checkpoint(job: Job) -> bool:
+    return (job.log.parent / "checkpoints" / "last.ckpt").is_file()
+
+
+def log_setup(log: Callable[[str], None], n_gpus: int) -> None:
+    log(f"python {sys.version.split()[0]}; cwd {ROOT}")
+    if n_gpus:
+        import torch
+
+        log(f"torch {torch.__version__}; " + "; ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}"
+                                                       for i in range(n_gpus)))
+
+
+def write_commands(path: Path, train: Sequence[Job], evals: Sequence[Job]) -> None:
+    """Every job's command line (training, then evaluation), for the record."""
+    from spla_lit.eval.report import write_text
+
+    write_text("# training (one process per run, all at once)\n" + "\n".join(map(command_line, train))
+               + "\n# evaluation\n" + "\n".join(map(command_line, evals)) + "\n", path)
+
+
+def records_and_archive(runs: Sequence[tuple[Job, str, int]], trained: Mapping[str, Outcome],
+                        evaluated: Mapping[str, Outcome], archive: Path, log: Callable[[str], None],
+                        extra: Mapping[str, Mapping[str, Any]] | None = None, **launcher: Any) -> list[dict]:
+    """One record per ``(job, arm, seed)`` (``spla_lit.eval.study.run_record`` + ``extra[job.name]`` + how the
+    launcher ran it), written to ``<run>/run.json`` and packed with the clipped job logs into ``archive``.
+    A run whose record cannot be built gets a stub saying why; nothing here raises for one run."""
+    from spla_lit.eval.report import write_json
+    from spla_lit.eval.study import run_record
+
+    records, members = [], []
+    for job, arm, seed in runs:
+        run = job.log.parent
+        try:
+            record = run_record(run, arm=arm, seed=seed)
+        except Exception as e:  # a broken run must not lose the others
+            log(f"record of {job.name} failed: {type(e).__name__}: {e}")
+            record = {"job": job.name, "arm": arm, "seed": seed, "train": {"status": f"record failed: {e}"},
+                      "eval": None}
+        record.update((extra or {}).get(job.name, {}))
+        record["launcher"] = {"gpu": job.gpu, "train": vars(trained[job.name]),
+                              "eval": vars(evaluated[job.name]) if job.name in evaluated else None, **launcher}
+        records.append(record)
+        write_json(record, run / "run.json")
+        members += [(run / "run.json", f"runs/{job.name}.json"), (clip_log(job.log), f"logs/{job.name}.train.log"),
+                    (clip_log(run / "eval.out"), f"logs/{job.name}.eval.log")]
+    pack(members, archive)
+    log(f"wrote {archive} ({len(records)} records)")
+    return records

@@ -33,14 +33,18 @@ from _launch import (
     Job,
     Log,
     assign_gpus,
-    clip_log,
-    command_line,
+    default_impl,
+    eval_job,
     gpu_count,
+    has_checkpoint,
+    log_setup,
     max_time,
-    pack,
+    records_and_archive,
     run_jobs,
     thread_env,
+    train_length,
     width_overrides,
+    write_commands,
 )
 
 # Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), an easier MQAR (8 pairs,
@@ -200,76 +204,49 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, n_gpus: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     from spla_lit.eval.report import write_json, write_text
-    from spla_lit.eval.study import run_record
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "launcher.log")
     run_root = (args.workdir / f"calib_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     n_gpus = gpu_count(args.device)
-    impl = args.impl or ("auto" if args.device == "cuda" else "reference")
+    impl = default_impl(args.impl, args.device)
     plan = grid(args)
     threads = max(1, (os.cpu_count() or 1) // len(plan))
     extra = (TINY_TRAIN if args.tiny else []) + (CPU_TRAIN if args.device == "cpu" else [])
-    jobs = []
+    runs = []
     for i, (name, arm, overrides, _) in enumerate(plan):
         run_dir = run_root / f"{i:02d}_{name}"
         argv_ = [sys.executable, "train.py", "experiment=study_a", f"+variant={arm}", "seed=1",
                  f"trainer.max_steps={args.max_steps}", f"trainer.val_check_interval={args.val_every}",
                  f"trainer.max_time={max_time(args.train_s - args.startup_s)}", f"impl={impl}",
                  f"hydra.run.dir={run_dir}", *extra, *overrides, *args.set]
-        jobs.append(Job(run_dir.name, argv_, run_dir / "train.out", thread_env(threads)))
-    # one GPU: calibration measures the load of one device
-    assign_gpus(jobs, min(n_gpus, 1))
+        runs.append((Job(run_dir.name, argv_, run_dir / "train.out", thread_env(threads)), arm, 1))
+    jobs = [j for j, _, _ in runs]
+    assign_gpus(jobs, min(n_gpus, 1))  # one GPU: the calibration measures the load of one device
     log(f"calibration: {len(jobs)} runs at once on {'1 GPU' if n_gpus else 'the CPU'}, {threads} CPU thread(s) "
         f"each, runs in {run_root}")
-    if n_gpus:
-        import torch
-
-        log(f"torch {torch.__version__}; cuda:0 {torch.cuda.get_device_name(0)}")
-    train_len = 128 if args.tiny else 1024
-    for o in args.set:
-        if o.startswith("data.seq_len="):
-            train_len = int(o.split("=", 1)[1])
-    evals = {}
-    for j in jobs:
-        run_dir = j.log.parent
-        argv_ = [sys.executable, "eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                 f"output_dir={run_dir / 'eval'}", f"hydra.run.dir={run_dir / 'eval'}", f"lengths=[{train_len}]",
-                 f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}", f"device={args.device}",
-                 f"impl={impl}", "perplexity.enabled=false", "fidelity.enabled=false", "plot=false"]
-        evals[j.name] = Job(j.name, argv_, run_dir / "eval.out", dict(j.env), j.gpu)
-    write_text("# training (all at once)\n" + "\n".join(command_line(j) for j in jobs) + "\n# evaluation\n"
-               + "\n".join(command_line(j) for j in evals.values()) + "\n", args.out / "commands.sh")
+    log_setup(log, min(n_gpus, 1))
+    train_len = train_length(args.tiny, args.set)
+    evals = {j.name: eval_job(j, args.device, impl, [
+        f"lengths=[{train_len}]", f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}",
+        "perplexity.enabled=false", "fidelity.enabled=false", "plot=false"]) for j in jobs}
+    write_commands(args.out / "commands.sh", jobs, list(evals.values()))
 
     log(f"phase 1: training, deadline {args.train_s:.0f}s")
     trained = run_jobs(jobs, args.train_s, log)
-    ready = [evals[j.name] for j in jobs if (j.log.parent / "checkpoints" / "last.ckpt").is_file()]
+    ready = [evals[j.name] for j in jobs if has_checkpoint(j)]
     log(f"phase 2: evaluation of {len(ready)} runs, deadline {args.eval_s:.0f}s")
     evaluated = run_jobs(ready, args.eval_s, log)
 
     log("phase 3: summary")
-    records, members = [], []
-    for job, (_, arm, _, knobs) in zip(jobs, plan):
-        run_dir = job.log.parent
-        try:
-            record = run_record(run_dir, arm=arm, seed=1)
-        except Exception as e:
-            log(f"record of {job.name} failed: {type(e).__name__}: {e}")
-            record = {"job": job.name, "arm": arm, "seed": 1, "train": {"status": f"record failed: {e}"}, "eval": None}
-        record["knobs"] = knobs
-        record["launcher"] = {"gpu": job.gpu, "train": vars(trained[job.name]),
-                              "eval": vars(evaluated[job.name]) if job.name in evaluated else None,
-                              "concurrent_jobs": len(jobs)}
-        records.append(record)
-        write_json(record, run_dir / "run.json")
-        members += [(run_dir / "run.json", f"runs/{job.name}.json"), (clip_log(job.log), f"logs/{job.name}.train.log"),
-                    (clip_log(run_dir / "eval.out"), f"logs/{job.name}.eval.log")]
-    pack(members, args.out / "calib_runs.tar.gz")
+    knobs = {j.name: {"knobs": k} for j, (_, _, _, k) in zip(jobs, plan)}
+    records = records_and_archive(runs, trained, evaluated, args.out / "calib_runs.tar.gz", log, extra=knobs,
+                                  concurrent_jobs=len(jobs))
     summary = summarize(records, args)
     write_json({**summary, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "records": records}, args.out / "calibration.json")
-    write_text(markdown(summary, args, n_gpus), args.out / "calibration.md")
+    write_text(markdown(summary, args, min(n_gpus, 1)), args.out / "calibration.md")
     log(f"finished at {log.elapsed():.0f}s; suggestion: {json.dumps(summary['suggestion'])}")
     print((args.out / "calibration.md").read_text())
     return 0

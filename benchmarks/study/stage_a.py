@@ -27,18 +27,21 @@ from pathlib import Path
 
 from _launch import (
     CPU_TRAIN,
-    ROOT,
     TINY_TRAIN,
     Job,
     Log,
     assign_gpus,
-    clip_log,
-    command_line,
+    default_impl,
+    eval_job,
     gpu_count,
+    has_checkpoint,
+    log_setup,
     max_time,
-    pack,
+    records_and_archive,
     run_jobs,
     thread_env,
+    train_length,
+    write_commands,
 )
 
 from spla_lit.eval.study import EVAL_TASKS, LENGTHS_X, PPL_X  # noqa: E402 (after _launch puts the root on the path)
@@ -71,9 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_jobs(args: argparse.Namespace, run_root: Path, threads: int) -> list[tuple[Job, str, int]]:
+def train_jobs(args: argparse.Namespace, run_root: Path, threads: int, impl: str) -> list[tuple[Job, str, int]]:
     """(job, arm, seed) per run, in arm-major order (so round-robin GPUs get every arm)."""
-    impl = args.impl or ("auto" if args.device == "cuda" else "reference")
     extra = (TINY_TRAIN + ["trainer.val_check_interval=2"] if args.tiny else []) + \
         (CPU_TRAIN if args.device == "cpu" else [])
     out = []
@@ -87,63 +89,40 @@ def train_jobs(args: argparse.Namespace, run_root: Path, threads: int) -> list[t
     return out
 
 
-def eval_job(args: argparse.Namespace, job: Job, arm: str, train_len: int) -> Job:
-    """The eval.py run of a training job (same GPU and thread caps), results in <run>/eval/."""
+def eval_overrides(args: argparse.Namespace, arm: str, train_len: int) -> list[str]:
+    """eval.py overrides of a run: the study's settings (spla_lit.eval.study.eval_settings) at its training length."""
     from spla_lit.eval.study import eval_settings
 
-    run_dir = job.log.parent
-    impl = args.impl or ("auto" if args.device == "cuda" else "reference")
     lengths, extra = eval_settings(train_len, lengths_x=args.lengths_x, num_samples=args.num_samples,
                                    ppl_x=args.ppl_x, fidelity_samples=1 if args.tiny else args.fidelity_samples)
-    argv = [sys.executable, "eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-            f"output_dir={run_dir / 'eval'}", f"hydra.run.dir={run_dir / 'eval'}", f"label={arm}",
-            f"lengths=[{','.join(map(str, lengths))}]", f"tasks=[{','.join(args.tasks)}]", f"device={args.device}",
-            f"impl={impl}", *extra, *(["batch_size=4"] if args.tiny else [])]
-    return Job(job.name, argv, run_dir / "eval.out", dict(job.env), job.gpu)
-
-
-def train_length(args: argparse.Namespace) -> int:
-    """The training length of the runs (study_a's, or the --set / --tiny override)."""
-    from omegaconf import OmegaConf
-
-    length = OmegaConf.load(ROOT / "conf" / "experiment" / "study_a.yaml").data.seq_len
-    for o in (TINY_TRAIN if args.tiny else []) + args.set:
-        if o.startswith("data.seq_len="):
-            length = int(o.split("=", 1)[1])
-    return int(length)
+    return [f"label={arm}", f"lengths=[{','.join(map(str, lengths))}]", f"tasks=[{','.join(args.tasks)}]", *extra,
+            *(["batch_size=4"] if args.tiny else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spla_lit.eval.report import write_json
-    from spla_lit.eval.study import collect_study, run_record
+    from spla_lit.eval.study import collect_study
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "launcher.log")
     run_root = (args.workdir / f"study_a_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     n_gpus = gpu_count(args.device)
+    impl = default_impl(args.impl, args.device)
     threads = max(1, (os.cpu_count() or 1) // (len(args.arms) * len(args.seeds)))
-    runs = train_jobs(args, run_root, threads)
+    runs = train_jobs(args, run_root, threads, impl)
     jobs = [j for j, _, _ in runs]
     assign_gpus(jobs, n_gpus)
-    train_len = train_length(args)
+    train_len = train_length(args.tiny, args.set)
     log(f"stage A: {len(jobs)} runs ({len(args.arms)} arms x seeds {args.seeds}), {args.steps} steps each, "
-        f"{n_gpus or 'no'} GPU(s), {threads} CPU thread(s) per job, runs in {run_root}")
-    log(f"python {sys.version.split()[0]}; cwd {ROOT}; overrides for every run: {args.set or 'none'}")
-    if n_gpus:
-        import torch
-
-        log(f"torch {torch.__version__}; " + "; ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}"
-                                                       for i in range(n_gpus)))
-    evals = {j.name: eval_job(args, j, arm, train_len) for j, arm, _ in runs}
-    (args.out / "commands.sh").write_text("# training (one process per run, all at once)\n"
-                                          + "\n".join(command_line(j) for j in jobs)
-                                          + "\n# evaluation\n" + "\n".join(command_line(j) for j in evals.values())
-                                          + "\n")
+        f"{n_gpus or 'no'} GPU(s), {threads} CPU thread(s) per job, runs in {run_root}; overrides for every run: "
+        f"{args.set or 'none'}")
+    log_setup(log, n_gpus)
+    evals = {j.name: eval_job(j, args.device, impl, eval_overrides(args, arm, train_len)) for j, arm, _ in runs}
+    write_commands(args.out / "commands.sh", jobs, list(evals.values()))
 
     log(f"phase 1: training, deadline {args.train_s:.0f}s (trainer.max_time {max_time(args.train_s - args.startup_s)})")
     trained = run_jobs(jobs, args.train_s, log, max_parallel=args.max_parallel)
-    ready = [evals[j.name] for j in jobs if (j.log.parent / "checkpoints" / "last.ckpt").is_file()]
+    ready = [evals[j.name] for j in jobs if has_checkpoint(j)]
     log(f"phase 1 done at {log.elapsed():.0f}s: {sum(o.ok for o in trained.values())}/{len(jobs)} ok, "
         f"{len(ready)} checkpoints")
 
@@ -152,25 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"phase 2 done at {log.elapsed():.0f}s: {sum(o.ok for o in evaluated.values())}/{len(ready)} ok")
 
     log("phase 3: run records, archive, tables")
-    members, records = [], []
-    for job, arm, seed in runs:
-        run_dir = job.log.parent
-        try:
-            record = run_record(run_dir, arm=arm, seed=seed)
-        except Exception as e:  # a broken run must not lose the others
-            log(f"record of {job.name} failed: {type(e).__name__}: {e}")
-            record = {"job": job.name, "arm": arm, "seed": seed, "train": {"status": f"record failed: {e}"},
-                      "eval": None}
-        record["launcher"] = {"gpu": job.gpu, "train": vars(trained[job.name]),
-                              "eval": vars(evaluated[job.name]) if job.name in evaluated else None,
-                              "concurrent_jobs": len(jobs), "gpus": n_gpus}
-        records.append(record)
-        path = run_dir / "run.json"
-        write_json(record, path)
-        members += [(path, f"runs/{job.name}.json"), (clip_log(job.log), f"logs/{job.name}.train.log"),
-                    (clip_log(run_dir / "eval.out"), f"logs/{job.name}.eval.log")]
-    pack(members, args.out / "study_a_runs.tar.gz")
-    log(f"wrote {args.out / 'study_a_runs.tar.gz'} ({len(records)} records)")
+    records = records_and_archive(runs, trained, evaluated, args.out / "study_a_runs.tar.gz", log,
+                                  concurrent_jobs=len(jobs), gpus=n_gpus)
     try:
         collect_study([r for r in records if "config" in r], args.out, name="study_a", write_runs=False)
         log(f"wrote {args.out / 'study_a.md'}")
