@@ -47,6 +47,7 @@ def sweep_records(sweep_dir: Path, args: argparse.Namespace) -> list[dict]:
         train_len = int(job_config(job.path).get("data.seq_len", 0))
         if job.ckpt is not None and train_len:
             lengths, extra = eval_settings(train_len, lengths_x=args.lengths_x, num_samples=args.num_samples)
+            extra = [o for o in extra if not o.startswith("num_samples=")]  # evaluate_job sets it
             evaluate_job(job, lengths, args.num_samples, args.tasks, extra + list(args.eval), force=args.force)
         records.append(run_record(job.path))
     return records

@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     train_len = train_length(args.tiny, args.set)
     evals = {j.name: eval_job(j, args.device, impl, [
         f"lengths=[{train_len}]", f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}",
-        "perplexity.enabled=false", "fidelity.enabled=false", "plot=false"]) for j in jobs}
+        f"batch_size={4 if args.tiny else 32}", "perplexity.enabled=false", "fidelity.enabled=false", "plot=false"])
+        for j in jobs}
     write_commands(args.out / "commands.sh", jobs, list(evals.values()))
 
     log(f"phase 1: training, deadline {args.train_s:.0f}s")

@@ -94,9 +94,9 @@ def eval_overrides(args: argparse.Namespace, arm: str, train_len: int) -> list[s
     from spla_lit.eval.study import eval_settings
 
     lengths, extra = eval_settings(train_len, lengths_x=args.lengths_x, num_samples=args.num_samples,
-                                   ppl_x=args.ppl_x, fidelity_samples=1 if args.tiny else args.fidelity_samples)
-    return [f"label={arm}", f"lengths=[{','.join(map(str, lengths))}]", f"tasks=[{','.join(args.tasks)}]", *extra,
-            *(["batch_size=4"] if args.tiny else [])]
+                                   ppl_x=args.ppl_x, fidelity_samples=1 if args.tiny else args.fidelity_samples,
+                                   batch_size=4 if args.tiny else 32)
+    return [f"label={arm}", f"lengths=[{','.join(map(str, lengths))}]", f"tasks=[{','.join(args.tasks)}]", *extra]
 
 
 def main(argv: list[str] | None = None) -> int:

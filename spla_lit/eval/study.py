@@ -47,14 +47,15 @@ PPL_X = 8
 
 
 def eval_settings(train_len: int, *, lengths_x: Sequence[int] = LENGTHS_X, num_samples: int = 100,
-                  ppl_x: int = PPL_X, ppl_buckets: int = 8, ppl_samples: int = 16,
-                  fidelity_samples: int = 8) -> tuple[list[int], list[str]]:
+                  ppl_x: int = PPL_X, ppl_buckets: int = 8, ppl_samples: int = 16, fidelity_samples: int = 8,
+                  batch_size: int = 32) -> tuple[list[int], list[str]]:
     """(eval lengths, the other ``eval.py`` overrides) of the study's evaluation of a run trained at ``train_len``
-    tokens; the tasks and the checkpoint are given separately."""
+    tokens; the tasks and the checkpoint are given separately. Batches hold ``batch_size`` rows, at most 64K tokens."""
     lengths = [train_len * x for x in lengths_x]
     extra = [f"num_samples={num_samples}", f"perplexity.length={train_len * ppl_x}",
              f"perplexity.num_buckets={ppl_buckets}", f"perplexity.num_samples={ppl_samples}",
-             f"fidelity.num_samples={fidelity_samples}", "max_batch_tokens=65536", "plot=false"]
+             f"fidelity.num_samples={fidelity_samples}", f"batch_size={batch_size}", "max_batch_tokens=65536",
+             "plot=false"]
     return lengths, extra
 
 
@@ -321,9 +322,10 @@ def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, An
            f"{summary['num_runs']} runs: {len(arms)} arms x seeds {seeds}. Training length {train_len}, batch "
            f"{cfg.get('data.batch_size')}, d_model {cfg.get('model.d_model')}, {cfg.get('model.n_layers')} layers, "
            f"lr {cfg.get('optim.lr')}, mixture {mixture}; block {cfg.get('sparse.block_size')}, "
-           f"topk {cfg.get('sparse.topk')}. Evaluation: {ruler.get('num_samples')} samples per task and length "
-           f"(sample seed {ruler.get('seed')}, the same for every run), {meta.get('device')}, "
-           f"{meta.get('precision')}, impl {meta.get('impl')}.", "",
+           f"topk {cfg.get('sparse.topk')}. " + (
+               f"Evaluation: {ruler.get('num_samples')} samples per task and length (sample seed {ruler.get('seed')}, "
+               f"the same for every run), {meta.get('device')}, {meta.get('precision')}, impl {meta.get('impl')}."
+               if ruler else "**No run has evaluation results.**"), "",
            "Cells: mean over seeds ± the half-width of the two-sided 95% Student-t interval, "
            "t(0.975, n-1) * s / sqrt(n) (s: sample standard deviation over the n seeds); no ± for a single run.", ""]
     out += ["## Exact match (%), mean over tasks", "",
@@ -387,6 +389,9 @@ def plot_study(summary: Mapping[str, Any], path: str | Path, title: str = "") ->
             series[name] = {n: s["mean"] for n, s in stats.items()}
             bands[name] = {n: (s["mean"] - s["half"], s["mean"] + s["half"]) for n, s in stats.items()
                            if s.get("half") is not None}
+    if not series:
+        log.warning("no run has evaluation results: no figure")
+        return None
     return plot_accuracy(series, path, title=title, bands=bands)
 
 
