@@ -3,7 +3,8 @@ fixed wall time, then evaluated at the training length; which configs reach >= 9
 mqar, after how many steps and tokens, at what throughput. Optional SPLA probe runs measure the sparse arms'
 throughput under the same load, to size stage A (benchmarks/study/stage_a.py --steps).
 
-    python benchmarks/study/calibrate.py --out $OUT                                   # the GPU call (~4 min)
+    python benchmarks/study/calibrate.py --out $OUT                                   # the GPU call (~3.5 min)
+    python benchmarks/study/calibrate.py --out $OUT --widths 256 384                  # + the width axis
     python benchmarks/study/calibrate.py --tiny --device cpu --lrs 1e-3 --widths 32 --mixtures single \\
         --probe taylor2 --out /tmp/calib                                               # CPU dry run
 
@@ -60,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (the device's $OUT)")
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
-    p.add_argument("--widths", nargs="+", type=int, default=[256, 384], help="d_model (heads of 64, 16 with --tiny)")
+    p.add_argument("--widths", nargs="+", type=int, default=[256],
+                   help="d_model (heads of 64, 16 with --tiny); e.g. 256 384 doubles the grid, halving each run's "
+                        "share of the GPU")
     p.add_argument("--mixtures", nargs="+", default=["single", "easy"], choices=sorted(MIXTURES),
                    help="training mixtures; the first one reaching the target is preferred")
     p.add_argument("--probe", nargs="*", default=["taylor2"],
