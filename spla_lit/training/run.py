@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, uses_spla, validate_config
+from ..hf.init_from import apply_init_from, init_weights, record_tokenizer
 from .callbacks import CompileReport
 from .checkpoint_io import AtomicCheckpointIO
 from .compile import CompileOptions
@@ -54,12 +55,17 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
-    """Validate ``cfg`` and build the data module and the LightningModule (model inside)."""
+    """Validate ``cfg`` and build the data module and the LightningModule (model inside). With ``init_from``, the
+    model's sizes and weights come from a Hugging Face checkpoint (``spla_lit.hf.init_from``)."""
+    init = apply_init_from(cfg)
     validate_config(cfg)
+    record_tokenizer(cfg, init)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
-    module = instantiate(cfg.module, net=net, task_names=datamodule.val_dataset.task_names)
+    new_parameters = init_weights(cfg, net, init)
+    module = instantiate(cfg.module, net=net, task_names=datamodule.val_dataset.task_names,
+                         new_parameters=new_parameters)
     # Stored in every checkpoint so eval.py can rebuild the model (set after instantiation: Hydra would
     # otherwise instantiate the _target_ entries inside it).
     plain = OmegaConf.to_container(cfg, resolve=False)
