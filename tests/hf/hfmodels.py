@@ -56,3 +56,12 @@ def make_hf_model(folder: Path, variant: str = "llama", vocab_size: int = 96, to
 @torch.no_grad()
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits.float()
+
+
+def cpt_overrides(source: Path, prepared: Path, *extra: str) -> list[str]:
+    """``train.py experiment=cpt`` from ``source`` on ``prepared`` at test size: 4 steps of 2 x 64 tokens, SPLA
+    with 4 blocks of 16 (topk 2), checkpoints every 2 steps, the first 3 steps training the new parameters only."""
+    return ["experiment=cpt", f"init_from={source}", f"data.path={prepared}", "data.seq_len=64", "data.batch_size=2",
+            "sparse.block_size=16", "sparse.topk=2", "trainer.max_steps=4", "trainer.val_check_interval=2",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "~callbacks.progress_bar", "optim.warmup_steps=2", "optim.freeze_pretrained_steps=3", *extra]

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from ckpt_weights import assert_same_weights, net_weights
-from hfmodels import make_hf_model
+from hfmodels import cpt_overrides, make_hf_model
 from hydra_utils import ROOT, make_cfg
 
 from spla_lit.config import ConfigError
@@ -22,13 +22,6 @@ from spla_lit.hf.spec import weight_names
 from spla_lit.training.run import train
 
 pytest.importorskip("transformers", reason='the hf extra: pip install "spla[hf]"')
-
-
-def cpt_overrides(source, prepared, *extra):
-    return ["experiment=cpt", f"init_from={source}", f"data.path={prepared}", "data.seq_len=64", "data.batch_size=2",
-            "sparse.block_size=16", "sparse.topk=2", "trainer.max_steps=4", "trainer.val_check_interval=2",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "~callbacks.progress_bar", "optim.warmup_steps=2", "optim.freeze_pretrained_steps=3", *extra]
 
 
 @pytest.fixture(scope="module")
