@@ -162,3 +162,18 @@ def test_rope_may_be_changed_on_purpose_and_data_must_fit_the_vocabulary(tmp_pat
         convert(tmp_path, ["data.vocab_size=512"])
     with pytest.raises(ConfigError, match=r"^init_from: .* is not a Hugging Face model folder \(no such folder\)"):
         convert(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("scaling", "message"), [
+    ({"rope_type": "yarn", "factor": 2.0}, "model.rope_scaling.rope_type"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+     "model.rope_scaling.original_max_position_embeddings: must be a number > 0, got None"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 64}, "model.rope_scaling.high_freq_factor \\(1.0\\) must be larger"),
+    ({"rope_type": "llama3", "factor": 8.0, "beta": 1}, "model.rope_scaling: unknown key\\(s\\) beta"),
+])
+def test_a_bad_rope_scaling_is_named(scaling, message):
+    from spla_lit.layers.rope import RotaryEmbedding
+
+    with pytest.raises(ValueError, match=message):
+        RotaryEmbedding(16, 10000.0, scaling)
