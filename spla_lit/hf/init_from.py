@@ -172,6 +172,10 @@ def record_tokenizer(cfg: DictConfig, init: InitFrom | None) -> Path | None:
         from ..data.shards import read_manifest
 
         source, key = Path(read_manifest(cfg.data.path)["tokenizer"]).parent, "data.path"
+        if not tokenizer_files(source):  # moved since prepare: the run trains, eval.py / export will ask for it
+            log.warning("data.path: the tokenizer the data was prepared with (%s) is gone; the run records no "
+                        "tokenizer (set tokenizer=<folder> to keep one with it)", source)
+            return None
     if source is None:
         return None
     source = Path(source)

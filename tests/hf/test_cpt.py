@@ -126,3 +126,16 @@ def test_held_schedule_is_zero_then_the_warmup_cosine_restarted():
         warmup_cosine(s, warmup_steps=4, total_steps=15, min_lr_ratio=0.1) for s in range(20)]
     assert [held_then_warmup_cosine(s, hold_steps=0, **kw) for s in range(25)] == [
         warmup_cosine(s, **kw) for s in range(25)]
+
+
+def test_a_run_records_its_tokenizer_when_it_can(tmp_path, prepared, tokenizer_dir, caplog):
+    from spla_lit.hf import record_tokenizer
+
+    tokens = ["data=tokens", f"data.path={prepared}"]
+    cfg = make_cfg(tokens, tmp_path / "a", tiny=False)
+    assert record_tokenizer(cfg, None) == tmp_path / "a" / "tokenizer" and cfg.tokenizer.endswith("tokenizer")
+    cfg = make_cfg([*tokens, f"tokenizer={tokenizer_dir / 'tokenizer.json'}"], tmp_path / "b", tiny=False)
+    assert (record_tokenizer(cfg, None) / "tokenizer_config.json").is_file()  # a file names its folder
+    with pytest.raises(ConfigError, match="^tokenizer: .* holds no tokenizer file"):
+        record_tokenizer(make_cfg([*tokens, f"tokenizer={tmp_path}"], tmp_path / "c", tiny=False), None)
+    assert record_tokenizer(make_cfg([], tmp_path / "d"), None) is None  # synthetic data: none

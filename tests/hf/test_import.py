@@ -177,3 +177,14 @@ def test_a_bad_rope_scaling_is_named(scaling, message):
 
     with pytest.raises(ValueError, match=message):
         RotaryEmbedding(16, 10000.0, scaling)
+
+
+@pytest.mark.parametrize(("overrides", "warning"), [
+    (["model=linear"], "model=linear replaces softmax attention"),
+    (["model=spla", "rla.combine=joint"], "rla.combine=joint has no zero-initialised gate"),
+])
+def test_attention_that_cannot_start_as_the_checkpoint_says_so(tmp_path, caplog, overrides, warning):
+    make_hf_model(tmp_path, "llama")
+    with caplog.at_level("WARNING"):
+        convert(tmp_path, overrides)
+    assert warning in caplog.text
