@@ -8,6 +8,7 @@ model classes are accepted.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 

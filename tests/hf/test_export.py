@@ -135,7 +135,7 @@ def test_remote_code_refuses_a_config_that_builds_anything_else(tmp_path):
 
     model = {"_target_": "spla_lit.models.DecoderLM", "vocab_size": 8,
              "attention": {"_target_": "builtins.exec", "_partial_": True}}
-    with pytest.raises(ConfigError, match=r"^spla_model.attention._target_: 'builtins.exec' is not a model class"):
+    with pytest.raises(ConfigError, match=r"^spla_model.attention._target_: 'builtins.exec' is not an allowed target"):
         build_decoder(model)
     with pytest.raises(ConfigError, match="^spla_model: expected the config of a spla_lit.models.DecoderLM"):
         build_decoder({"_target_": "os.system", "command": "true"})
