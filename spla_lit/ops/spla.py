@@ -62,10 +62,32 @@ def _check_combine_args(shape: tuple[int, ...], combine: str, gate: object, norm
         raise ValueError(f"norm_weight must be a [Dv] = [{Dv}] tensor (the residual RMSNorm's weight), got {got}")
 
 
+def _share(extra: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor:
+    """Detached ``||extra|| / (||o_sparse|| + ||extra||)`` in float32 (norms without float32 copies)."""
+    with torch.no_grad():
+        e = torch.linalg.vector_norm(extra.detach(), dtype=torch.float32)
+        s = torch.linalg.vector_norm(o_sparse.detach(), dtype=torch.float32)
+        return e / (s + e + 1e-12)
+
+
 def _combine(o_sparse: torch.Tensor, residual: torch.Tensor, combine: str, lse: torch.Tensor | None,
-             gate: torch.Tensor | float | None, norm_weight: torch.Tensor | None,
-             norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`combine_residual` and the residual's contribution ``o - o_sparse`` in the accumulation dtype."""
+             gate: torch.Tensor | float | None, norm_weight: torch.Tensor | None, norm_eps: float,
+             impl: str = "reference", share: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`combine_residual`, and with ``share`` the detached ``residual_share`` of :class:`SPLAAux` (else None).
+
+    ``combine="add"`` runs the fused kernel ``spla_kernels.combine_add`` where ``impl`` selects Triton (one pass
+    forward and backward; autograd keeps no float32 copy of the normed or gated residual, it recomputes them);
+    the PyTorch composition below is the reference (and the float64 path)."""
+    if (combine == "add" and torch.float64 not in (o_sparse.dtype, residual.dtype)
+            and use_triton(impl, "combine_add", o_sparse, residual)):
+        fused = run_kernel(impl, "combine_add", o_sparse, residual, gate=gate, norm_weight=norm_weight, eps=norm_eps,
+                           return_stats=share)
+        if fused is not None:
+            if not share:
+                return fused, None
+            out, stats = fused  # squared norms of the residual's contribution and of o_sparse
+            e, s = stats[0].sqrt(), stats[1].sqrt()
+            return out, e / (s + e + 1e-12)
     dt = acc_dtype(o_sparse)
     o = o_sparse.to(dt)
     if combine == "joint":
@@ -73,12 +95,12 @@ def _combine(o_sparse: torch.Tensor, residual: torch.Tensor, combine: str, lse: 
         w = torch.exp(-lse.to(dt).clamp_min(-60.0)).transpose(1, 2)[..., None]  # [B, N, Hq, 1]
         num, den = residual[..., :-1].to(dt), residual[..., -1:].to(dt)
         out = ((o + w * num) / (1 + w * den.clamp_min(0))).to(o_sparse.dtype)
-        return out, out.to(dt) - o
+        return out, (_share(out.to(dt) - o, o_sparse) if share else None)
     # The norm returns the residual's dtype, like the RMSNorm module (bf16 when autocast produced a bf16 residual).
     r = (residual if norm_weight is None else rms_norm(residual, norm_weight, norm_eps)).to(dt)
     if gate is not None:
         r = (gate.to(dt)[..., None] if isinstance(gate, torch.Tensor) else gate) * r
-    return (o + r).to(o_sparse.dtype), r
+    return (o + r).to(o_sparse.dtype), (_share(r, o_sparse) if share else None)
 
 
 def combine_residual(
@@ -90,6 +112,7 @@ def combine_residual(
     gate: torch.Tensor | float | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    impl: Impl = "auto",
 ) -> torch.Tensor:
     """Combine the exact sparse output with the residual linear attention (``docs/spla.md`` §5).
 
@@ -107,6 +130,8 @@ def combine_residual(
         lse: float32 [B, Hq, N] log-sum-exp of the sparse scores (joint only).
         gate: scalar or [B, N, Hq] weight of the residual (add only).
         norm_weight: [Dv] gain of the residual's RMSNorm (add only).
+        impl: ``auto`` (the fused Triton kernel ``spla_kernels.combine_add`` on CUDA for ``add``), ``reference``
+            (PyTorch) or ``triton``.
 
     Returns:
         o [B, N, Hq, Dv] in ``o_sparse``'s dtype, accumulated in float32 (float64 for float64).
@@ -124,7 +149,8 @@ def combine_residual(
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, Hq, N):
             raise ValueError(f"lse must be a [B, Hq, N] = [{B}, {Hq}, {N}] tensor for combine='joint'")
     _check_combine_args(tuple(o_sparse.shape), combine, gate, norm_weight)
-    return _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps)[0]
+    check_choice("impl", impl, IMPLS)
+    return _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps, impl)[0]
 
 
 @dataclass
@@ -317,17 +343,14 @@ def spla_attention(
             residual = explicit_residual_linear_attention(phi_q, phi_k, v, block_idx, normalize=normalize,
                                                           return_normalizer=joint, **geometry)
     if residual is None:
-        out, extra = o_sparse, None
+        out, share = o_sparse, None
     else:
-        out, extra = _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps)
+        out, share = _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps, impl, return_aux)
     if not return_aux:
         return out
-    aux = SPLAAux(block_idx=block_idx, o_sparse=o_sparse, lse=lse, residual=residual)
-    if extra is not None:
+    aux = SPLAAux(block_idx=block_idx, o_sparse=o_sparse, lse=lse, residual=residual, residual_share=share)
+    if share is not None and not joint and gate is not None:
         with torch.no_grad():
-            e, s = extra.detach().float().norm(), o_sparse.detach().float().norm()
-            aux.residual_share = e / (s + e + 1e-12)
-            if not joint and gate is not None:
-                aux.gate_abs = (gate.detach().float().abs().mean() if isinstance(gate, torch.Tensor)
-                                else torch.tensor(abs(float(gate))))
+            aux.gate_abs = (gate.detach().float().abs().mean() if isinstance(gate, torch.Tensor)
+                            else torch.tensor(abs(float(gate))))
     return out, aux
