@@ -6,8 +6,9 @@
 
 "old" is main's code path, still in the tree behind switches: the selection kernel with ``SelectConfig()``
 (float32 statistics from ``spla_lit.ops.block_key_stats``, split into bf16 hi / lo in every program, the top-k
-sorted in the head reduction's layout) and the PyTorch add-combine (``combine_residual(impl="reference")``).
-"new" is the per-device table's selection (``select_config``) and the fused combine kernel. Everything else
+sorted in the head reduction's layout), the PyTorch add-combine (``combine_residual(impl="reference")``) and the
+features kept for the backward. "new" is the per-device table's selection (``select_config``), the fused
+combine kernel and the features recomputed in the backward (``feature_map=``). Everything else
 (fused sparse kernel, residual) is the same code in both. The op is composed from its public steps
 (``select_blocks_fused`` with an explicit config, ``sparse_attention_with_residual``, ``combine_residual``);
 the check section asserts that the new composition is exactly ``spla_lit.ops.spla_attention``.
@@ -97,9 +98,9 @@ def select_variants() -> dict:
     return out
 
 
-def spla_composed(q, k, v, *, select_cfg, combine_impl, gate=None, norm_weight=None, block_idx=None):
-    """The SPLA op from its public steps with an explicit selection config and combine impl (the op's defaults:
-    elu1 features, normalized residual, add-combine)."""
+def spla_composed(q, k, v, *, select_cfg, combine_impl, recompute, gate=None, norm_weight=None, block_idx=None):
+    """The SPLA op from its public steps with an explicit selection config, combine impl and feature recompute
+    (the op's defaults otherwise: elu1 features, normalized residual, add-combine)."""
     from spla_kernels.select import select_blocks_fused
     from spla_lit import ops
 
@@ -108,13 +109,15 @@ def spla_composed(q, k, v, *, select_cfg, combine_impl, gate=None, norm_weight=N
     phi = ops.feature_map("elu1")
     o, _, r = ops.sparse_attention_with_residual(q, k, v, phi(q), phi(k), idx, block_size=sel.block_size,
                                                  scale=sel.scale, normalize=True, return_lse=False, impl=IMPL,
-                                                 validate=False)
+                                                 validate=False, feature_map="elu1" if recompute else None)
     return ops.combine_residual(o, r, gate=gate, norm_weight=norm_weight, impl=combine_impl)
 
 
 def op_variants(variants: dict) -> dict:
-    """name -> (select config, combine impl)."""
-    return {"old": (variants["old"], "reference"), "new": (variants["new"], IMPL)}
+    """name -> spla_composed's keyword arguments: old = main (its selection config, the PyTorch combine, phi
+    kept for the backward); new = this branch's defaults."""
+    return {"old": dict(select_cfg=variants["old"], combine_impl="reference", recompute=False),
+            "new": dict(select_cfg=variants["new"], combine_impl=IMPL, recompute=True)}
 
 
 def gate_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +179,7 @@ def check_op(n: int, variants: dict) -> bool:
     gate, w = gate_inputs(n)
     # The new composition is the op itself (same kernels, same selection).
     with torch.no_grad():
-        a = spla_composed(q, k, v, select_cfg=variants["new"], combine_impl=IMPL, gate=gate, norm_weight=w)
+        a = spla_composed(q, k, v, **op_variants(variants)["new"], gate=gate, norm_weight=w)
         b = ops.spla_attention(q, k, v, workload.SELECTION, gate=gate, norm_weight=w, impl=IMPL)
     same = torch.equal(a, b)
     ok &= same
@@ -189,11 +192,11 @@ def check_op(n: int, variants: dict) -> bool:
         ref = ops.spla_attention(*leaves64, workload.SELECTION, block_idx=idx, impl="reference", **kw64)
         do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(DEV)
         ref_g = torch.autograd.grad(ref, leaves64 + extra64, do.double())
-        for name, (scfg, cimpl) in op_variants(variants).items():
+        for name, variant in op_variants(variants).items():
             leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
             extra = [gate.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()] if gated else []
             kw = dict(gate=extra[0], norm_weight=extra[1]) if gated else {}
-            out = spla_composed(*leaves, select_cfg=scfg, combine_impl=cimpl, block_idx=idx, **kw)
+            out = spla_composed(*leaves, **variant, block_idx=idx, **kw)
             grads = torch.autograd.grad(out, leaves + extra, do.to(out.dtype))
             errs = {"out": _rel(out, ref)}
             errs.update({gn: _rel(gx, rx) for gn, gx, rx in zip(("dq", "dk", "dv", "dgate", "dw"), grads, ref_g)})
@@ -262,13 +265,13 @@ def time_op(n: int, variants: dict, want_breakdown: bool) -> None:
     except Exception as e:  # noqa: BLE001 - no fla here: the peer is reported missing
         log(f"op N={n}: fla NSA unavailable ({type(e).__name__}: {e})"[:300])
     rows.append(("sparse", *K.row_sparse(q, k, v, idx)))
-    for name, (scfg, cimpl) in op_variants(variants).items():
+    for name, variant in op_variants(variants).items():
         for gated in (False, True):
             ins = leaves(q, k, v) + (leaves(gate, w) if gated else [])
 
-            def f(ins=ins, scfg=scfg, cimpl=cimpl, gated=gated):
+            def f(ins=ins, variant=variant, gated=gated):
                 extra = dict(gate=ins[3], norm_weight=ins[4]) if gated else {}
-                return spla_composed(ins[0], ins[1], ins[2], select_cfg=scfg, combine_impl=cimpl, **extra)
+                return spla_composed(ins[0], ins[1], ins[2], **variant, **extra)
 
             rows.append((f"spla {name} {'gated' if gated else 'plain'}", f, ins))
     nsa_ms = None
@@ -371,10 +374,9 @@ def memory(n: int, variants: dict) -> None:
     idx = select_blocks_fused(q, k, workload.SELECTION, config=variants["new"])
     gate, w = gate_inputs(n)
     rows = {}
-    for name, (scfg, cimpl) in op_variants(variants).items():
-        def f(ins, scfg=scfg, cimpl=cimpl):
-            return spla_composed(ins[0], ins[1], ins[2], select_cfg=scfg, combine_impl=cimpl, gate=ins[3],
-                                 norm_weight=ins[4])
+    for name, variant in op_variants(variants).items():
+        def f(ins, variant=variant):
+            return spla_composed(ins[0], ins[1], ins[2], **variant, gate=ins[3], norm_weight=ins[4])
 
         rows[f"spla {name} gated"] = (f, (q, k, v, gate, w))
     rows["sparse"] = (lambda ins: ops.block_sparse_attention(ins[0], ins[1], ins[2], idx, block_size=workload.BS,
