@@ -131,13 +131,15 @@ def shape_launches(arch: str, shape: str) -> tuple[list, list[str]]:
         nonempty = torch.ones(1, hkv, N, dtype=torch.bool)
         r = R.subtract_residual(lq, lk, lv, sel, nonempty, normalize=True, config=cfg)
         torch.autograd.grad(r.sum(), (lq, lk, lv, sel))
-        o = leaf(hq, f)
-        gate, w = torch.rand(1, N, hq, requires_grad=True), torch.rand(f, requires_grad=True)
-        out = CB.combine_add(o, r.detach().requires_grad_(), gate=gate, norm_weight=w)
-        torch.autograd.grad(out.float().sum(), (o, gate, w))
+
+    def combine():
+        o, r = leaf(hq), torch.rand(1, N, hq, d, requires_grad=True)
+        gate, w = torch.rand(1, N, hq, requires_grad=True), torch.rand(d, requires_grad=True)
+        out = CB.combine_add(o, r, gate=gate, norm_weight=w)
+        torch.autograd.grad(out.float().sum(), (o, r, gate, w))
 
     launches, declined = [], []
-    for name, run in (("sparse", sparse), ("select", select), ("linear", linear)):
+    for name, run in (("sparse", sparse), ("select", select), ("linear", linear), ("combine", combine)):
         try:
             launches += record(run)
         except NotImplementedError:

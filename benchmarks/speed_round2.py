@@ -13,8 +13,8 @@ combine kernel and the features recomputed in the backward (``feature_map=``). E
 (``select_blocks_fused`` with an explicit config, ``sparse_attention_with_residual``, ``combine_residual``);
 the check section asserts that the new composition is exactly ``spla_lit.ops.spla_attention``.
 
-Sections, in this order (a section is skipped once ``--deadline`` seconds have passed; the tables so far are
-always written):
+Sections (run as: the checks, then the first length of op, select, train and memory, then their other lengths;
+nothing new starts once ``--deadline`` seconds have passed; the tables so far are always written):
 
 1. ``check``: correctness against float64 at a small N: the fused sparse kernel (every output and gradient,
    ``kernels.check``), every selection variant against ``select_blocks(block_scores(...))`` (rows identical,
@@ -293,7 +293,7 @@ def time_op(n: int, variants: dict, want_breakdown: bool) -> None:
         RESULTS["op"].append(dict(n=n, row=name, ms=ms, vs_nsa=ratio, peak_gb=peak))
         log(f"op N={n} {name:18s} fwd+bwd {ms:9.2f} ms" + (f"  {ratio:.2f}x NSA" if ratio else "")
             + f"  peak {peak:.2f} GB")
-        if want_breakdown and name.startswith("spla") and name.endswith("plain"):
+        if want_breakdown and name.startswith("spla") and name.endswith("plain"):  # old and new: "other"
             K.breakdown(K.fwd_bwd(fn, ins), f"{name} fwd+bwd N={n}")
     _free()
 
@@ -574,19 +574,22 @@ def main(argv: list[str] | None = None) -> int:
     variants = select_variants()
     names = [x for x in a.select_variants.split(",") if x] or list(variants)
     ok = True
-    plan = []
-    if "check" in sections:
-        plan.append(("check", lambda: run_checks(a)))
+    # Order of priority (the deadline cuts the tail): checks, then the first length of every section, then the
+    # other lengths (the later select lengths time old and new only).
+    firsts, rest = [], []
     for i, n in enumerate(a.n):
         if "op" in sections:
-            plan.append((f"op {n}", lambda n=n, i=i: time_op(n, variants, want_breakdown=True)))
+            (rest if i else firsts).append((f"op {n}", lambda n=n: time_op(n, variants, want_breakdown=True)))
         if "select" in sections:
-            plan.append((f"select {n}", lambda n=n, i=i: time_select(n, variants, names if i == 0 else
-                                                                     [x for x in names if x in ("old", "new")])))
-    if "memory" in sections:
-        plan += [(f"memory {n}", lambda n=n: memory(n, variants)) for n in a.mem_n]
-    if "train" in sections:
-        plan += [(f"train {n}", lambda n=n: train(n, a)) for n in a.train_n]
+            subset = names if i == 0 else [x for x in names if x in ("old", "new")]
+            (rest if i else firsts).append((f"select {n}", lambda n=n, subset=subset: time_select(n, variants,
+                                                                                                  subset)))
+    for key, ns, fn in (("train", a.train_n, lambda n: train(n, a)),
+                        ("memory", a.mem_n, lambda n: memory(n, variants))):
+        if key in sections:
+            for i, n in enumerate(ns):
+                (rest if i else firsts).append((f"{key} {n}", lambda n=n, fn=fn: fn(n)))
+    plan = ([("check", lambda: run_checks(a))] if "check" in sections else []) + firsts + rest
     for name, fn in plan:
         if left() < 0:
             log(f"deadline reached ({a.deadline:.0f} s): {name} and later skipped")

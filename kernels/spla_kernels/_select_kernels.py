@@ -14,11 +14,11 @@ the sentinel ``INT64_MIN`` and become -1 padding.
 
 Statistics operands (``PRESPLIT``): either float32 ``[nK, D]`` arrays split into bf16 hi / lo halves inside
 the loop (every program splits every block it reads), or ``block_stats_kernel``'s bf16 ``[nK, 4, D]`` rows
-``(mu'_hi, mu'_lo, var'_hi, var'_lo)`` loaded as they are. ``RELAYOUT``: the chunk's keys are written to a
+``(mu'_hi, mu'_lo, var'_hi, var'_lo)`` loaded as they are. ``RELAYOUT``: the step's keys go through a
 ``tl.gather`` by the identity index ``IOTA`` (loaded once, so its layout is a plain blocked one: a token per
-warp, a block per lane), which moves them into that layout (one shared-memory layout conversion per step)
-before the sort: one key per thread instead of the head reduction's eight per thread (replicated across
-lanes), so each compare-and-swap round is one shuffle instead of eight serial steps. A global scratch buffer
+warp, a block per lane); the gather's result takes that layout (one shared-memory layout conversion per step),
+so the sort holds one key per thread instead of the head reduction's eight per thread (replicated across
+lanes) and each compare-and-swap round is one shuffle instead of eight serial steps. A global scratch buffer
 with a barrier did the same but stopped Triton from pipelining the statistics loads.
 """
 
@@ -138,8 +138,6 @@ def select_kernel(
         key = (_sortable(red).to(tl.int64) << 32) + (MAXB - blk)[None, :].to(tl.int64)
         key = tl.where(vis & (red != float("-inf")), key, SENT)
         if RELAYOUT:
-            # Two buffers by step parity: a step's writes and the previous step's reads never overlap, and the
-            # barrier of each step orders the writes before the reads (same CTA, L1 bypassed).
             key = tl.gather(key, iota, 1)  # the identity permutation: only the layout changes
         if MERGE:
             cand = tl.topk(key, KP, dim=1)  # descending
@@ -155,7 +153,6 @@ def select_kernel(
     idx = tl.where(idx == MAXB, -1, idx)
     tok_ok = toks < t1
     tl.store(OUT + h * so_h + toks.to(tl.int64)[:, None] * so_t + rank, idx, mask=tok_ok[:, None] & (rank < topk))
-
 
 
 @triton.jit
