@@ -63,16 +63,6 @@ def left() -> float:
     return DEADLINE - time.monotonic()
 
 
-def _sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free() -> None:
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float("nan") if not torch.isfinite(a).all() else ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -228,7 +218,7 @@ def run_checks(a) -> bool:
             RESULTS["check"].append(dict(what="fused sparse kernel vs float64 (kernels.check)", n=a.check_n,
                                          ok=bool(good)))
         ok &= bool(good)
-        _free()
+        K._free()
     log("CHECKS " + ("PASSED" if ok else "FAILED"))
     return ok
 
@@ -241,11 +231,11 @@ def _peak_of(fn) -> float:
     if DEV != "cuda":
         fn()
         return 0.0
-    _sync()
+    K._sync()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
-    _sync()
+    K._sync()
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
@@ -285,7 +275,7 @@ def time_op(n: int, variants: dict, want_breakdown: bool) -> None:
             peak = _peak_of(run)
         except Exception as e:  # noqa: BLE001
             log(f"op N={n} {name}: failed {type(e).__name__}: {e}"[:400])
-            _free()
+            K._free()
             continue
         if name == "nsa":
             nsa_ms = ms
@@ -295,7 +285,7 @@ def time_op(n: int, variants: dict, want_breakdown: bool) -> None:
             + f"  peak {peak:.2f} GB")
         if want_breakdown and name.startswith("spla") and name.endswith("plain"):  # old and new: "other"
             K.breakdown(K.fwd_bwd(fn, ins), f"{name} fwd+bwd N={n}")
-    _free()
+    K._free()
 
 
 def select_floor(n: int) -> dict:
@@ -343,7 +333,7 @@ def time_select(n: int, variants: dict, names: list[str]) -> None:
         extra = (f", kernel without the top-k merge {row['scoring_only_ms']:.2f} ms, statistics + launch setup "
                  f"{row['stats_ms']:.2f} ms" if "stats_ms" in row else "")
         log(f"select N={n} {name:26s} {ms:8.3f} ms = {row['x_floor']:.1f}x floor{extra}")
-    _free()
+    K._free()
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -400,13 +390,13 @@ def memory(n: int, variants: dict) -> None:
             peak = _peak_of(run)
         except Exception as e:  # noqa: BLE001
             log(f"memory N={n} {name}: failed {type(e).__name__}: {e}"[:400])
-            _free()
+            K._free()
             continue
         RESULTS["memory"].append(dict(n=n, row=name, peak_gb=peak, saved_gb=total / 1e9))
         RESULTS["saved"].append(dict(n=n, row=name, items=items[:12]))
         log(f"memory N={n} {name:16s}: fwd+bwd peak {peak:.2f} GB above the inputs; saved for backward "
             f"{total / 1e9:.3f} GB: " + ", ".join(f"{s} {d} {mb:.0f} MB" for s, d, mb in items[:8]))
-        _free()
+        K._free()
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -434,13 +424,13 @@ def _train_one(model: str, n: int, a) -> tuple[float, float]:
 
     for _ in range(a.train_warmup):
         step()
-    _sync()
+    K._sync()
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(a.train_steps):
         step()
-    _sync()
+    K._sync()
     ms = (time.perf_counter() - t0) * 1e3 / a.train_steps
     return ms, (torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0)
 
@@ -457,7 +447,7 @@ def train(n: int, a) -> None:
             log(f"train N={n} {model}: failed {type(e).__name__}: {e}"[:400])
             continue
         finally:
-            _free()
+            K._free()
         tok = n / ms * 1e3
         if model == "dense":
             dense_tok = tok
@@ -518,17 +508,10 @@ def markdown(device: str) -> str:
     return "\n".join(lines)
 
 
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save(out: str, device: str) -> None:
     if out:
-        _write(os.path.join(out, "speed_round2.md"), markdown(device))
-        _write(os.path.join(out, "speed_round2.json"), json.dumps(RESULTS, indent=1, default=str))
+        K._write(os.path.join(out, "speed_round2.md"), markdown(device))
+        K._write(os.path.join(out, "speed_round2.json"), json.dumps(RESULTS, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -561,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         K._use_tiny_shape()
         IMPL = "triton"
         a.n, a.mem_n, a.train_n = [64], [64], [32]
-        a.check_n, a.check_select_n, a.d_model, a.layers = 64, 128, 32, 1
+        a.check_n, a.check_select_n, a.d_model, a.layers = 96, 128, 32, 1  # 96 > top-4 x 16: a residual
         a.train_warmup, a.train_steps = 1, 1
     K.DEV = DEV
     if a.out:
@@ -604,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc(limit=4)
         log(f"[{name}: {time.monotonic() - t0:.0f} s, {time.monotonic() - START:.0f} s in total]")
         save(a.out, device)
-        _free()
+        K._free()
     text = markdown(device)
     print(text)
     save(a.out, device)

@@ -40,6 +40,18 @@ def _normed(r, W, cols, cm, DV, eps, NORM: tl.constexpr):
 
 
 @triton.jit
+def _tile(pid, n_rows, DV, BR: tl.constexpr, BD: tl.constexpr):
+    """Program ``pid``'s ``BR`` rows of a [rows, DV] array: (row index int64, row mask, columns, column mask,
+    2-D mask, 2-D offsets)."""
+    rows = pid * BR + tl.arange(0, BR)
+    ok = rows < n_rows
+    cols = tl.arange(0, BD)
+    cm = cols < DV
+    r64 = rows.to(tl.int64)
+    return r64, ok, cols, cm, ok[:, None] & cm[None, :], r64[:, None] * DV + cols[None, :]
+
+
+@triton.jit
 def combine_fwd_kernel(O, R, GATE, W, OUT, STATS, n_rows, DV, gate_value, eps,
                        HAS_GATE: tl.constexpr, NORM: tl.constexpr, WITH_STATS: tl.constexpr,
                        BR: tl.constexpr, BD: tl.constexpr):
@@ -47,13 +59,7 @@ def combine_fwd_kernel(O, R, GATE, W, OUT, STATS, n_rows, DV, gate_value, eps,
     the scalar ``gate_value``), W [DV] (NORM). STATS [programs, 2] float32: sum of squares of ``gate * y`` and
     of ``o_sparse`` over the program's rows."""
     pid = tl.program_id(0)
-    rows = pid * BR + tl.arange(0, BR)
-    r64 = rows.to(tl.int64)
-    ok = rows < n_rows
-    cols = tl.arange(0, BD)
-    cm = cols < DV
-    m2 = ok[:, None] & cm[None, :]
-    off = r64[:, None] * DV + cols[None, :]
+    r64, ok, cols, cm, m2, off = _tile(pid, n_rows, DV, BR, BD)
     r = tl.load(R + off, mask=m2, other=0.0).to(tl.float32)
     o = tl.load(O + off, mask=m2, other=0.0).to(tl.float32)
     y, _, _, _ = _normed(r, W, cols, cm, DV, eps, NORM)
@@ -71,13 +77,7 @@ def combine_bwd_kernel(DO, R, GATE, W, DR, DGATE, DWP, n_rows, DV, gate_value, e
     """grid (cdiv(rows, BR),). From DO [rows, DV]: DR [rows, DV] float32 = d r, DGATE [rows] float32 = d gate
     (NEED_DGATE), DWP [programs, DV] float32 = the program's part of d norm_weight (NEED_DW)."""
     pid = tl.program_id(0)
-    rows = pid * BR + tl.arange(0, BR)
-    r64 = rows.to(tl.int64)
-    ok = rows < n_rows
-    cols = tl.arange(0, BD)
-    cm = cols < DV
-    m2 = ok[:, None] & cm[None, :]
-    off = r64[:, None] * DV + cols[None, :]
+    r64, ok, cols, cm, m2, off = _tile(pid, n_rows, DV, BR, BD)
     do = tl.load(DO + off, mask=m2, other=0.0).to(tl.float32)
     r = tl.load(R + off, mask=m2, other=0.0).to(tl.float32)
     y, rstd, xhat, w = _normed(r, W, cols, cm, DV, eps, NORM)
