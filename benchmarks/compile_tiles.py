@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+import spla_kernels.combine as CB  # noqa: E402
 import spla_kernels.linear as L  # noqa: E402
 import spla_kernels.residual as R  # noqa: E402
 import spla_kernels.select as SEL  # noqa: E402
@@ -54,7 +55,8 @@ SHAPES = {
 N, TOPK = 1024, 8
 _KERNELS = {
     SP: ("sparse_fwd_kernel", "sparse_bwd_dq_kernel", "sparse_bwd_dkv_kernel"),
-    SEL: ("select_kernel",),
+    SEL: ("select_kernel", "block_stats_kernel"),
+    CB: ("combine_fwd_kernel", "combine_bwd_kernel"),
     L: ("states_local_kernel", "states_scan_kernel", "states_fixup_kernel", "chunk_out_kernel",
         "chunk_dkdv_kernel"),
     R: ("residual_bwd_kernel",),
@@ -130,8 +132,14 @@ def shape_launches(arch: str, shape: str) -> tuple[list, list[str]]:
         r = R.subtract_residual(lq, lk, lv, sel, nonempty, normalize=True, config=cfg)
         torch.autograd.grad(r.sum(), (lq, lk, lv, sel))
 
+    def combine():
+        o, r = leaf(hq), torch.rand(1, N, hq, d, requires_grad=True)
+        gate, w = torch.rand(1, N, hq, requires_grad=True), torch.rand(d, requires_grad=True)
+        out = CB.combine_add(o, r, gate=gate, norm_weight=w)
+        torch.autograd.grad(out.float().sum(), (o, r, gate, w))
+
     launches, declined = [], []
-    for name, run in (("sparse", sparse), ("select", select), ("linear", linear)):
+    for name, run in (("sparse", sparse), ("select", select), ("linear", linear), ("combine", combine)):
         try:
             launches += record(run)
         except NotImplementedError:

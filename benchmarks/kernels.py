@@ -596,6 +596,18 @@ def _child(n: int, a: argparse.Namespace, deadline_s: float, configs: dict[str, 
         os.unlink(path)
 
 
+def open_log(out: str, name: str) -> str:
+    """Start the log (``out/name``, emptied, when ``out`` is given) with the device and the command line; returns
+    the device's name."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        workload.LOG_FILE = os.path.join(out, name)
+        open(workload.LOG_FILE, "w").close()
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)"
+    log(f"device {device}, torch {torch.__version__}; {' '.join(sys.argv)}")
+    return device
+
+
 def _write(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary name (never a half-written file)."""
     tmp = path + ".tmp"
@@ -658,12 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             _write(a.child_json, json.dumps(res))
         return 0
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        workload.LOG_FILE = os.path.join(a.out, "kernels.log.partial")
-        open(workload.LOG_FILE, "w").close()
-    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke test)"
-    log(f"device {device}, torch {torch.__version__}; {' '.join(sys.argv)}")
+    device = open_log(a.out, "kernels.log.partial")
     ok = True
     if a.check or a.check_only:
         checks = [lambda: check(2048, True, full=True)]

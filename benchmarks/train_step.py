@@ -33,8 +33,10 @@ from spla_lit.layers import BlockScorer, BlockSparseAttention, DenseAttention, R
 from spla_lit.models import DecoderLM
 
 
-def build(model: str, *, d_model: int, n_layers: int, impl: str, heads: int = 32, kv_heads: int = 2) -> DecoderLM:
-    sparse = partial(BlockSparseAttention, block_size=64, topk=16)
+def build(model: str, *, d_model: int, n_layers: int, impl: str, heads: int = 32, kv_heads: int = 2,
+          head_dim: int = 128, block_size: int = 64, topk: int = 16) -> DecoderLM:
+    """The benchmark's decoder LM (vocabulary 512) with ``model`` attention: spla, sparse (rla=none) or dense."""
+    sparse = partial(BlockSparseAttention, block_size=block_size, topk=topk)
     scorer = partial(BlockScorer, method="taylor2")
     if model == "dense":
         attention = partial(DenseAttention)
@@ -42,7 +44,7 @@ def build(model: str, *, d_model: int, n_layers: int, impl: str, heads: int = 32
         rla = partial(ResidualLinearAttention) if model == "spla" else None
         attention = partial(SPLAAttention, scorer=scorer, sparse=sparse, rla=rla, impl=impl)
     return DecoderLM(512, attention, d_model=d_model, n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads,
-                     head_dim=128)
+                     head_dim=head_dim)
 
 
 def host_syncs(step) -> Counter:

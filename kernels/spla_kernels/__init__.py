@@ -17,9 +17,11 @@ _NAMES = {
     "causal_linear_attention": "linear",
     "select_blocks_fused": "select",
     "subtract_residual": "residual",
+    "combine_add": "combine",
     "SparseConfig": "config",
     "SelectConfig": "config",
     "LinearConfig": "config",
+    "CombineConfig": "config",
 }
 
 

@@ -1,8 +1,10 @@
-"""Small helpers shared by the Triton kernels: running under Triton's CPU interpreter."""
+"""Small helpers shared by the Triton kernels: running under Triton's CPU interpreter; recomputing features."""
 
 from __future__ import annotations
 
 import os
+
+import torch
 
 
 def interpreting() -> bool:
@@ -51,3 +53,12 @@ def patch_interpreter() -> None:
 
         fast_apply_impl._spla_patched = True
         reduce_ops.apply_impl = fast_apply_impl
+
+
+def recompute_features(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``spla_lit.ops.feature_map(name)(x)``, contiguous, without autograd: a backward pass recomputing the
+    ``phi`` its forward was given instead of keeping it (the same bits for the elementwise maps)."""
+    from spla_lit.ops.feature_maps import feature_map
+
+    with torch.no_grad():
+        return feature_map(name)(x).contiguous()

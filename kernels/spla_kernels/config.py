@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "ARCHS",
     "SHARED_MEMORY",
+    "CombineConfig",
     "LinearConfig",
     "SelectConfig",
     "SparseConfig",
@@ -88,7 +89,15 @@ class SelectConfig:
     ``rows``: (token, query head) rows per program (tokens per program = rows // next_pow2(G));
     ``blocks_per_step``: key blocks scored per loop step (raised to the padded topk when that is larger);
     ``quad_split``: bf16 inputs multiply the float32 covariance statistics as bf16 hi + lo halves (three
-    products instead of one, ~16 mantissa bits instead of 8).
+    products instead of one, ~16 mantissa bits instead of 8); ``mean_split``: the same for the mean term (two
+    products instead of one).
+    ``presplit``: the block statistics come from a Triton kernel (``block_stats_kernel``) already scaled and
+    rounded to their bf16 hi / lo halves, so the loop loads bf16 operands straight into the tensor-core
+    tiles instead of loading float32 and splitting them in every program (bit-identical halves; bf16 inputs
+    with the taylor1 / taylor2-diag scorers, else ignored). False: ``spla_lit.ops.block_key_stats``.
+    ``relayout``: before the per-step top-k, the candidate keys move (an identity ``tl.gather``) into a plain
+    layout, so the sort runs one key per thread instead of eight per thread (the tensor-core layout of the
+    head reduction leaves them replicated across lanes).
     """
 
     rows: int = 128
@@ -96,6 +105,9 @@ class SelectConfig:
     warps: int = 8
     stages: int = 3
     quad_split: bool = True
+    mean_split: bool = True
+    presplit: bool = False
+    relayout: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self, pow2=("rows", "blocks_per_step"))
@@ -130,6 +142,18 @@ class LinearConfig:
         _check_fields(self, pow2=("out_rows", "dkdv_rows", "scan_chunks", "scan_block", "epilogue_rows"))
 
 
+@dataclass(frozen=True)
+class CombineConfig:
+    """Tiles of the fused add-combine (``combine.py``), an elementwise kernel that fits every class (no table):
+    ``rows`` (token, head) rows per program (capped at 8192 elements), ``warps`` the launch's ``num_warps``."""
+
+    rows: int = 16
+    warps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
 # ------------------------------------------------------------------------------------------------ the table
 # (class, wide) -> config, or None where no tile fits the class's shared memory (the entry point then raises
 # NotImplementedError and spla_lit.ops runs its reference). ``wide``: operands or tiles past the measured
@@ -152,7 +176,8 @@ _SPARSE = _with_default({
     ("sm89", True): None,  # float32 fused dK/dV: 120 KiB at one stage
 })
 _SELECT = _with_default({
-    ("sm90", False): SelectConfig(),
+    # presplit + relayout: the measured tiles, 40% fewer instructions per step offline (docs/kernels.md)
+    ("sm90", False): SelectConfig(presplit=True, relayout=True),
     ("sm90", True): SelectConfig(rows=64, warps=4, stages=2),
     ("sm80", False): SelectConfig(),
     ("sm80", True): SelectConfig(rows=64, warps=4, stages=1),

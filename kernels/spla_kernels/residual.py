@@ -29,6 +29,7 @@ from torch.profiler import record_function
 from spla_lit.ops.utils import cdiv, next_pow2, sequence_segments
 
 from . import linear as L
+from ._utils import recompute_features
 from .config import LinearConfig, arch_of, linear_config
 
 _MODES = {"sub": 1, "norm": 2, "pair": 3}
@@ -68,7 +69,8 @@ def residual_bwd_kernel(DR, R, DEN, KEEP, DSEL, GM, GE, n_rows, HQ, G, HKV, DV, 
 
 class _SubtractResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, phi_q, phi_k, v, sel, keep, cu_seqlens, mode, eps, config):
+    def forward(ctx, phi_q, phi_k, v, sel, keep, cu_seqlens, mode, eps, config, features=None, q_src=None,
+                k_src=None):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G, T = Hq // Hkv, B * N
@@ -88,7 +90,10 @@ class _SubtractResidual(torch.autograd.Function):
         with record_function("spla_kernels.residual: fwd (linear + epilogue)"):
             L.linear_forward(q, k, vv, meta, cfg, G, out[..., :Dv], ones=ext, oe=oe, res=2 if mode == "norm" else 1,
                              sel=self_[..., :Dv], sele=self_[..., Dv] if ext else None, keep=keep, eps=eps)
-        ctx.save_for_backward(q, k, vv, keep, *((out, den) if mode == "norm" else ()))
+        # ``features``: phi_q / phi_k are features(q_src) / features(k_src): keep the sources (saved elsewhere anyway).
+        ctx.features = features
+        keep_q, keep_k = (q_src, k_src) if features else (q, k)
+        ctx.save_for_backward(keep_q, keep_k, vv, keep, *((out, den) if mode == "norm" else ()))
         ctx.meta, ctx.cfg, ctx.shape, ctx.mode, ctx.eps = meta, cfg, (B, N, Hq, Hkv, F, Dv, sel.shape[-1]), mode, eps
         return out.view(B, N, Hq, -1)
 
@@ -96,6 +101,10 @@ class _SubtractResidual(torch.autograd.Function):
     def backward(ctx, dr):
         q, k, v, keep, *saved = ctx.saved_tensors
         B, N, Hq, Hkv, F, Dv, DVS = ctx.shape
+        if ctx.features:
+            with record_function("spla_kernels.residual: bwd features"):
+                q = L._flat(recompute_features(ctx.features, q))
+                k = L._flat(recompute_features(ctx.features, k))
         G, T = Hq // Hkv, B * N
         mode = ctx.mode
         ext = mode != "sub"
@@ -118,13 +127,14 @@ class _SubtractResidual(torch.autograd.Function):
         dq = None if dq is None else dq.view(B, N, Hq, F)
         dk = None if dk is None else dk.view(B, N, Hkv, F)
         dv = None if dv is None else dv.view(B, N, Hkv, Dv)
-        return dq, dk, dv, dsel.view(B, N, Hq, DVS), None, None, None, None, None
+        return dq, dk, dv, dsel.view(B, N, Hq, DVS), None, None, None, None, None, None, None, None
 
 
 def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
                       nonempty: torch.Tensor, *, normalize: bool, return_normalizer: bool = False,
                       eps: float = 1e-6, cu_seqlens: torch.Tensor | None = None,
-                      config: LinearConfig | None = None) -> torch.Tensor:
+                      config: LinearConfig | None = None, feature_map: str | None = None,
+                      q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> torch.Tensor:
     """The residual linear attention by subtraction, differentiable in phi_q, phi_k, v and sel.
 
     Args:
@@ -135,6 +145,8 @@ def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
         nonempty: bool [B, Hkv, N], token i has a causal key outside its selection (``has_unselected_keys``).
         normalize, return_normalizer, eps, cu_seqlens: as for ``spla_lit.ops.residual_linear_attention``.
         config: tiles (None: the per-device table, ``spla_kernels.config``).
+        feature_map, q, k: the caller's promise that ``phi_q = feature_map(q)``, ``phi_k = feature_map(k)``: the
+            backward recomputes the features from q [B, N, Hq, D] and k [B, N, Hkv, D] instead of keeping them.
 
     Returns: float32 [B, N, Hq, Dv] ([.., Dv + 1] = [num, den] with return_normalizer).
     Raises NotImplementedError for shapes or dtypes these kernels do not cover, or a GPU without table tiles
@@ -156,5 +168,9 @@ def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
                          f"[{B}, {N}, {Hq}, {dvs}] / [{B}, {Hkv}, {N}]")
     keep = nonempty.transpose(1, 2).to(torch.uint8).contiguous().view(B * N, Hkv)
     config = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
-    return _SubtractResidual.apply(phi_q, phi_k, v, sel.float(), keep, cu_seqlens, mode, float(eps), config)
+    if feature_map is not None and (q is None or k is None or q.shape[:3] != phi_q.shape[:3]
+                                    or k.shape[:3] != phi_k.shape[:3]):
+        raise ValueError("feature_map needs the q [B, N, Hq, D] and k [B, N, Hkv, D] the features were computed from")
+    return _SubtractResidual.apply(phi_q, phi_k, v, sel.float(), keep, cu_seqlens, mode, float(eps), config,
+                                   feature_map, q, k)
 

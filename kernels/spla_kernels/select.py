@@ -20,7 +20,7 @@ from spla_lit.ops import block_key_stats
 from spla_lit.ops.utils import next_pow2, sequence_segments
 from spla_lit.options import COVARIANCES, Selection
 
-from ._select_kernels import select_kernel
+from ._select_kernels import block_stats_kernel, select_kernel
 from ._utils import interpreting
 from .config import SelectConfig, arch_of, select_config
 
@@ -32,19 +32,38 @@ _ORDER = {("taylor1", c): 1 for c in COVARIANCES} | {("taylor2", "diag"): 2, ("t
 @functools.lru_cache(maxsize=64)
 def _tables(segments: tuple[tuple[int, int], ...], block_size: int, tokens_per_tile: int,
             device: torch.device) -> dict:
-    """Block and query-tile tables for the packed token axis (tiles never straddle a sequence)."""
-    tiles, boff = [], 0
+    """Block and query-tile tables for the packed token axis (tiles never straddle a sequence; blocks of every
+    sequence laid end to end, each with its first token and length)."""
+    tiles, blocks, boff = [], [], 0
     for s, e in segments:
         nk = -(-(e - s) // block_size)
         tiles += [(t, min(t + tokens_per_tile, e), s, boff, nk) for t in range(s, e, tokens_per_tile)]
+        blocks += [(b, min(block_size, e - b)) for b in range(s, e, block_size)]
         boff += nk
 
     def t(x):
         return torch.tensor(x, dtype=torch.int32, device=device)
 
-    cols = list(zip(*tiles))
+    cols, bcols = list(zip(*tiles)), list(zip(*blocks))
     return dict(n_tiles=len(tiles), tile_start=t(cols[0]), tile_end=t(cols[1]), tile_seq=t(cols[2]),
-                tile_boff=t(cols[3]), tile_nk=t(cols[4]))
+                tile_boff=t(cols[3]), tile_nk=t(cols[4]), n_blocks=len(blocks), blk_start=t(bcols[0]),
+                blk_len=t(bcols[1]))
+
+
+def _presplit_stats(kf: torch.Tensor, tab: dict, block_size: int, order: int, scale: float) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+    """``block_stats_kernel`` over the packed keys kf [T, Hkv, D]: (bf16 [Hkv, nK, 2 | 4, D] halves of the scaled
+    mean (and variance), float32 log counts [nK])."""
+    Hkv, D = kf.shape[1], kf.shape[2]
+    nb = tab["n_blocks"]
+    st = torch.empty(Hkv, nb, 2 if order == 1 else 4, D, dtype=torch.bfloat16, device=kf.device)
+    logc = torch.empty(nb, dtype=torch.float32, device=kf.device)
+    bd = max(16, next_pow2(D))
+    block_stats_kernel[(nb, Hkv)](kf, tab["blk_start"], tab["blk_len"], st, logc, kf.stride(0), kf.stride(1),
+                                  st.stride(0), st.stride(1), scale, 0.5 * scale * scale, D,
+                                  BS=min(next_pow2(block_size), max(16, 8192 // bd)), BD=bd, ORDER=order,
+                                  num_warps=4)
+    return st, logc
 
 
 def _block_stats(k: torch.Tensor, segments: tuple[tuple[int, int], ...], block_size: int, covariance: str | None,
@@ -136,29 +155,38 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, selection: Selection, cu_seqlens:
 
     qf = q.detach().contiguous().view(B * N, Hq, D)
     kf = k.detach().contiguous().view(B * N, Hkv, D)
-    with torch.no_grad(), record_function("spla_kernels.select: block statistics"):
-        count, mean, second = _block_stats(kf, segments, sel.block_size, None if order == 1 else sel.covariance,
-                                           sel.rank)
-        logc = count.log().contiguous()
-        mu = (scale * mean).contiguous()  # [Hkv, nK, D]
-        if order == 2:
-            sec = (0.5 * scale * scale * second).contiguous()  # [Hkv, nK, D]
-        elif order == 3:
-            U, lam = second  # [Hkv, nK, D, r], [Hkv, nK, r]
-            w = U * (0.5 * scale * scale * lam).sqrt()[:, :, None, :]
-            sec = w.permute(0, 3, 1, 2).contiguous()  # [Hkv, r, nK, D]
-        else:
-            sec = mu
-    KP = next_pow2(sel.topk)
-    out = torch.empty(Hkv, B * N, sel.topk, dtype=torch.int32, device=q.device)
     lowp = q.dtype == torch.bfloat16
-    args = (qf, logc, mu, sec, out, tab["tile_start"], tab["tile_end"], tab["tile_seq"], tab["tile_boff"],
-            tab["tile_nk"], qf.stride(0), qf.stride(1), mu.stride(0), sec.stride(0),
+    presplit = cfg.presplit and lowp and order in (1, 2)
+    interp = interpreting()  # (also installs the interpreter's shims before the first launch)
+    with torch.no_grad(), record_function("spla_kernels.select: block statistics"):
+        if presplit:
+            mu, logc = _presplit_stats(kf, tab, sel.block_size, order, scale)
+            sec = mu
+        else:
+            count, mean, second = _block_stats(kf, segments, sel.block_size, None if order == 1 else sel.covariance,
+                                               sel.rank)
+            logc = count.log().contiguous()
+            mu = (scale * mean).contiguous()  # [Hkv, nK, D]
+            if order == 2:
+                sec = (0.5 * scale * scale * second).contiguous()  # [Hkv, nK, D]
+            elif order == 3:
+                U, lam = second  # [Hkv, nK, D, r], [Hkv, nK, r]
+                w = U * (0.5 * scale * scale * lam).sqrt()[:, :, None, :]
+                sec = w.permute(0, 3, 1, 2).contiguous()  # [Hkv, r, nK, D]
+            else:
+                sec = mu
+    KP = next_pow2(sel.topk)
+    BN = max(cfg.blocks_per_step, KP)
+    out = torch.empty(Hkv, B * N, sel.topk, dtype=torch.int32, device=q.device)
+    iota = torch.arange(BN, dtype=torch.int32, device=q.device).repeat(BT)  # the relayout's identity index
+    args = (qf, logc, mu, sec, out, iota, tab["tile_start"], tab["tile_end"], tab["tile_seq"], tab["tile_boff"],
+            tab["tile_nk"], qf.stride(0), qf.stride(1), mu.stride(0), mu.stride(1), sec.stride(0),
             sec.stride(1) if order == 3 else 0, out.stride(0), out.stride(1),
             G, D, sel.block_size, sel.local_blocks, sel.sink_blocks, sel.topk)
-    meta = dict(BT=BT, GP=GP, BD=max(16, next_pow2(D)), BN=max(cfg.blocks_per_step, KP), KP=KP, ORDER=order,
+    meta = dict(BT=BT, GP=GP, BD=max(16, next_pow2(D)), BN=BN, KP=KP, ORDER=order,
                 RANK=sec.shape[1] if order == 3 else 1, REDUCE=_REDUCE[sel.head_reduce], QUAD_SPLIT=cfg.quad_split,
-                LOWP=lowp, INTERP=interpreting(), num_warps=cfg.warps, num_stages=cfg.stages)
+                MEAN_SPLIT=cfg.mean_split, PRESPLIT=presplit, RELAYOUT=cfg.relayout, LOWP=lowp,
+                INTERP=interp, num_warps=cfg.warps, num_stages=cfg.stages)
     return _Launch((tab["n_tiles"], Hkv), args, meta, out, (B, Hkv, N, sel.topk))
 
 

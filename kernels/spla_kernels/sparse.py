@@ -25,7 +25,7 @@ from torch.profiler import record_function
 
 from spla_lit.ops.utils import next_pow2
 
-from ._utils import interpreting
+from ._utils import interpreting, recompute_features
 from .config import SparseConfig, arch_of, sparse_config
 from .sparse_bwd import sparse_bwd_dkv_kernel, sparse_bwd_dq_kernel
 from .sparse_fwd import sparse_fwd_kernel
@@ -82,7 +82,7 @@ class _FusedSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pq, pk, block_idx, cu_seqlens, block_size, query_block, scale, sparse, selected, norm,
-                config):
+                config, features=None):
         ctx.set_materialize_grads(False)
         B, N, Hkv, DV = v.shape
         ref = q if sparse else pq
@@ -116,7 +116,9 @@ class _FusedSparse(torch.autograd.Function):
                 num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
                 **_common(D, F, DV, DVS, block_size, upcast),
             )
-        ctx.save_for_backward(q, k, v, pq, pk, o, lse)
+        # ``features``: phi_q / phi_k are feature_map(q) / feature_map(k); keep q and k only (saved anyway).
+        ctx.features = features if sparse and selected else None
+        ctx.save_for_backward(q, k, v, *((None, None) if ctx.features else (pq, pk)), o, lse)
         ctx.plan, ctx.cfg = plan, cfg
         ctx.meta = (scale, sparse, selected, norm, D, F, DV, DVS)
         if not sparse:
@@ -128,12 +130,15 @@ class _FusedSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse, dsel):
         q, k, v, pq, pk, o, lse = ctx.saved_tensors
+        if ctx.features:
+            with record_function("spla_kernels.sparse: bwd features"):
+                pq, pk = recompute_features(ctx.features, q), recompute_features(ctx.features, k)
         plan: _Plan = ctx.plan
         scale, sparse, selected, norm, D, F, DV, DVS = ctx.meta
         sp = sparse and (do is not None or dlse is not None)
         sl = selected and dsel is not None
         if not (sp or sl):
-            return (None,) * 14
+            return (None,) * 15
         cfg = ctx.cfg
         B, N, Hkv, G = plan.B, plan.N, plan.Hkv, plan.G
         Hq = Hkv * G
@@ -192,7 +197,7 @@ class _FusedSparse(torch.autograd.Function):
                     num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages, **common,
                 )
         with record_function("spla_kernels.sparse: bwd casts"):
-            grads = [None] * 14
+            grads = [None] * 15
             if sp:
                 grads[0], grads[1] = dq, dk.to(k.dtype)
             if sl:
@@ -242,13 +247,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 def sparse_attention_with_selected_linear(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
     block_idx: torch.Tensor, *, block_size: int, query_block: int, scale: float, with_normalizer: bool,
-    cu_seqlens: torch.Tensor | None = None, config: SparseConfig | None = None,
+    cu_seqlens: torch.Tensor | None = None, config: SparseConfig | None = None, feature_map: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPLA's fused kernel: from the same K/V tiles, the sparse softmax attention (o, lse) and
     ``sel_i = sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) [v_j, 1]``, float32 [B, N, Hq, Dv (+1)]
     (the extra channel, with ``with_normalizer``, is ``sum phi_q_i . phi_k_j``).
     phi_q [B, N, Hq, F], phi_k [B, N, Hkv, F] (F <= 256). Differentiable in all five inputs and lse.
-    ``config``: tiles (None: the per-device table, ``spla_kernels.config``)."""
+    ``config``: tiles (None: the per-device table, ``spla_kernels.config``). ``feature_map``: the caller's promise
+    that ``phi_q = feature_map(q)`` and ``phi_k = feature_map(k)`` (a ``spla_lit.ops.FEATURE_MAPS`` name): the
+    backward then recomputes them from q and k instead of keeping them (one [B, N, Hq, F] tensor less)."""
     q, k, v = _check("q", q), _check("k", k), _check("v", v)
     phi_q, phi_k = _check("phi_q", phi_q, q.shape[2]), _check("phi_k", phi_k, k.shape[2])
     if not (q.dtype == k.dtype == v.dtype == phi_q.dtype == phi_k.dtype):
@@ -257,7 +264,7 @@ def sparse_attention_with_selected_linear(
         raise ValueError("phi_q and phi_k must have the same feature dim")
     _check_idx(block_idx, q.shape[0], k.shape[2], q.shape[1], query_block, cu_seqlens)
     return _FusedSparse.apply(q, k, v, phi_q, phi_k, block_idx, cu_seqlens, block_size, query_block, scale,
-                              True, True, bool(with_normalizer), config)
+                              True, True, bool(with_normalizer), config, feature_map)
 
 
 def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,

@@ -50,7 +50,9 @@ class ResidualLinearAttention(nn.Module):
     def op_inputs(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
         """The residual's keyword arguments of ``spla_attention`` for layer input x [B, N, d_model] and the
         projected q [B, N, Hq, D], k [B, N, Hkv, D]: features, gate(x) [B, N, Hq] and the norm's weight."""
-        inputs: dict[str, Any] = dict(phi_q=self.phi(q), phi_k=self.phi(k), rla=self.mode, normalize=self.normalize,
+        # recompute_features: the op's kernels recompute phi from q and k in the backward instead of keeping it
+        inputs: dict[str, Any] = dict(phi_q=self.phi(q), phi_k=self.phi(k), feature_map=self.feature_map_name,
+                                      recompute_features=True, rla=self.mode, normalize=self.normalize,
                                       combine=self.combine)
         if self.combine == "add":
             inputs["gate"] = self.gate(x)

@@ -62,10 +62,34 @@ def _check_combine_args(shape: tuple[int, ...], combine: str, gate: object, norm
         raise ValueError(f"norm_weight must be a [Dv] = [{Dv}] tensor (the residual RMSNorm's weight), got {got}")
 
 
+def _share(extra: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor:
+    """Detached ``||extra|| / (||o_sparse|| + ||extra||)`` in float32 (norms without float32 copies)."""
+    def norm(x):  # accumulated in float32 (float64 stays float64, then rounded), never a float32 copy of x
+        return torch.linalg.vector_norm(x.detach(), dtype=None if x.dtype == torch.float64 else torch.float32).float()
+
+    with torch.no_grad():
+        e, s = norm(extra), norm(o_sparse)
+        return e / (s + e + 1e-12)
+
+
 def _combine(o_sparse: torch.Tensor, residual: torch.Tensor, combine: str, lse: torch.Tensor | None,
-             gate: torch.Tensor | float | None, norm_weight: torch.Tensor | None,
-             norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`combine_residual` and the residual's contribution ``o - o_sparse`` in the accumulation dtype."""
+             gate: torch.Tensor | float | None, norm_weight: torch.Tensor | None, norm_eps: float,
+             impl: str = "reference", share: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`combine_residual`, and with ``share`` the detached ``residual_share`` of :class:`SPLAAux` (else None).
+
+    ``combine="add"`` runs the fused kernel ``spla_kernels.combine_add`` where ``impl`` selects Triton (one pass
+    forward and backward; autograd keeps no float32 copy of the normed or gated residual, it recomputes them);
+    the PyTorch composition below is the reference (and the float64 path)."""
+    if (combine == "add" and torch.float64 not in (o_sparse.dtype, residual.dtype)
+            and use_triton(impl, "combine_add", o_sparse, residual)):
+        fused = run_kernel(impl, "combine_add", o_sparse, residual, gate=gate, norm_weight=norm_weight, eps=norm_eps,
+                           return_stats=share)
+        if fused is not None:
+            if not share:
+                return fused, None
+            out, stats = fused  # squared norms of the residual's contribution and of o_sparse
+            e, s = stats[0].sqrt(), stats[1].sqrt()
+            return out, e / (s + e + 1e-12)
     dt = acc_dtype(o_sparse)
     o = o_sparse.to(dt)
     if combine == "joint":
@@ -73,12 +97,12 @@ def _combine(o_sparse: torch.Tensor, residual: torch.Tensor, combine: str, lse: 
         w = torch.exp(-lse.to(dt).clamp_min(-60.0)).transpose(1, 2)[..., None]  # [B, N, Hq, 1]
         num, den = residual[..., :-1].to(dt), residual[..., -1:].to(dt)
         out = ((o + w * num) / (1 + w * den.clamp_min(0))).to(o_sparse.dtype)
-        return out, out.to(dt) - o
+        return out, (_share(out.to(dt) - o, o_sparse) if share else None)
     # The norm returns the residual's dtype, like the RMSNorm module (bf16 when autocast produced a bf16 residual).
     r = (residual if norm_weight is None else rms_norm(residual, norm_weight, norm_eps)).to(dt)
     if gate is not None:
         r = (gate.to(dt)[..., None] if isinstance(gate, torch.Tensor) else gate) * r
-    return (o + r).to(o_sparse.dtype), r
+    return (o + r).to(o_sparse.dtype), (_share(r, o_sparse) if share else None)
 
 
 def combine_residual(
@@ -90,6 +114,7 @@ def combine_residual(
     gate: torch.Tensor | float | None = None,
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
+    impl: Impl = "auto",
 ) -> torch.Tensor:
     """Combine the exact sparse output with the residual linear attention (``docs/spla.md`` §5).
 
@@ -107,6 +132,8 @@ def combine_residual(
         lse: float32 [B, Hq, N] log-sum-exp of the sparse scores (joint only).
         gate: scalar or [B, N, Hq] weight of the residual (add only).
         norm_weight: [Dv] gain of the residual's RMSNorm (add only).
+        impl: ``auto`` (the fused Triton kernel ``spla_kernels.combine_add`` on CUDA for ``add``), ``reference``
+            (PyTorch) or ``triton``.
 
     Returns:
         o [B, N, Hq, Dv] in ``o_sparse``'s dtype, accumulated in float32 (float64 for float64).
@@ -124,7 +151,8 @@ def combine_residual(
         if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, Hq, N):
             raise ValueError(f"lse must be a [B, Hq, N] = [{B}, {Hq}, {N}] tensor for combine='joint'")
     _check_combine_args(tuple(o_sparse.shape), combine, gate, norm_weight)
-    return _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps)[0]
+    check_choice("impl", impl, IMPLS)
+    return _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps, impl)[0]
 
 
 @dataclass
@@ -151,12 +179,14 @@ class SPLAAux:
     residual_share: torch.Tensor | None = None
 
 
-def _kernel_residual(impl, phi_q, phi_k, v, sel, nonempty, normalize, return_normalizer, cu_seqlens):
+def _kernel_residual(impl, phi_q, phi_k, v, sel, nonempty, normalize, return_normalizer, cu_seqlens, feature_map,
+                     q, k):
     """``spla_kernels.subtract_residual`` (global linear attention with its normalizer column, minus
     ``sel``, and the residual epilogue, fused), or None when it is unavailable or declines the shapes
     (NotImplementedError) and ``impl`` is not a forced ``"triton"``."""
     return run_kernel(impl, "subtract_residual", phi_q, phi_k, v, sel, nonempty, normalize=normalize,
-                      return_normalizer=return_normalizer, eps=1e-6, cu_seqlens=cu_seqlens)
+                      return_normalizer=return_normalizer, eps=1e-6, cu_seqlens=cu_seqlens, feature_map=feature_map,
+                      q=q, k=k)
 
 
 def sparse_attention_with_residual(
@@ -176,29 +206,35 @@ def sparse_attention_with_residual(
     cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
     validate: bool = True,
+    feature_map: FeatureMap | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Exact sparse attention and the residual linear attention (by subtraction) on one selection.
 
     Returns ``(o_sparse [B, N, Hq, Dv] in q's dtype, lse [B, Hq, N] float32 or None without return_lse,
     residual float32)`` as :func:`block_sparse_attention` and :func:`residual_linear_attention` would.
     On CUDA one Triton kernel computes the sparse output and the selected-linear term from the same K/V tiles.
-    ``validate`` checks ``block_idx``'s values first (see :func:`block_sparse_attention`).
+    ``validate`` checks ``block_idx``'s values first (see :func:`block_sparse_attention`). ``feature_map``: the
+    caller's promise that ``phi_q = feature_map(q)`` and ``phi_k = feature_map(k)``; the kernels' backward then
+    recomputes the features instead of keeping them (a [B, N, Hq, F] tensor less per call; no other effect).
     """
     B, N, Hq, Hkv, D = check_qk(q, k)
     check_values(v, k)
     if validate:
         check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=q.device)
         check_block_idx_values(block_idx, num_blocks=cdiv(N, block_size))
+    if feature_map is not None:
+        check_choice("feature_map", feature_map, FEATURE_MAPS)
     with_den = normalize or return_normalizer
     fused = None
     if use_triton(impl, "sparse_attention_with_selected_linear", q, k, v, phi_q, phi_k):
         fused = run_kernel(impl, "sparse_attention_with_selected_linear", q, k, v, phi_q, phi_k, block_idx,
                            block_size=block_size, query_block=query_block, scale=D**-0.5 if scale is None else scale,
-                           with_normalizer=with_den, cu_seqlens=cu_seqlens)
+                           with_normalizer=with_den, cu_seqlens=cu_seqlens, feature_map=feature_map)
     if fused is not None:
         o, lse, sel = fused
         nonempty = has_unselected_keys(block_idx, N, block_size, query_block, cu_seqlens)
-        residual = _kernel_residual(impl, phi_q, phi_k, v, sel, nonempty, normalize, return_normalizer, cu_seqlens)
+        residual = _kernel_residual(impl, phi_q, phi_k, v, sel, nonempty, normalize, return_normalizer, cu_seqlens,
+                                    feature_map, q, k)
         if residual is None:
             # (Computing the normalizer channel by a cumulative sum instead was measured 1.4x slower at 64K.)
             glob = causal_linear_attention(phi_q, phi_k, _append_ones(v) if with_den else v, cu_seqlens=cu_seqlens,
@@ -247,6 +283,7 @@ def spla_attention(
     cu_seqlens: torch.Tensor | None = None,
     impl: Impl = "auto",
     return_aux: bool = False,
+    recompute_features: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SPLAAux]:
     """SPLA attention: exact attention over each token's selected key blocks plus linear attention over the
     blocks it left out (``docs/spla.md``). What ``SPLAAttention`` computes before its output projection.
@@ -273,6 +310,11 @@ def spla_attention(
         generator: RNG of ``scorer="random"``.
         cu_seqlens: int [S + 1] boundaries of sequences packed in one row (B == 1, query_block == 1).
         impl: ``auto`` (Triton kernels on CUDA), ``reference`` (PyTorch) or ``triton``.
+        recompute_features: the Triton kernels' backward recomputes ``feature_map(q)`` / ``feature_map(k)``
+            instead of keeping them (saves a [B, N, Hq, F] tensor per call for the backward; the same bits for the
+            elementwise maps). None (default): when the op applies ``feature_map`` itself (no ``phi_q`` given).
+            True with ``phi_q`` / ``phi_k`` given: the caller's promise that they are ``feature_map(q)`` /
+            ``feature_map(k)``.
 
     Returns:
         o [B, N, Hq, Dv] in q's dtype; with ``return_aux`` also an :class:`SPLAAux` (selection, sparse output,
@@ -293,6 +335,9 @@ def spla_attention(
     else:
         _check_features(phi_q, phi_k, q, k)
         _check_combine_args((B, N, Hq, v.shape[-1]), combine, gate, norm_weight)
+    if recompute_features is not None and not isinstance(recompute_features, bool):
+        raise ValueError(f"recompute_features must be True, False or None, got {recompute_features!r}")
+    recompute = phi_q is None if recompute_features is None else recompute_features
     if block_idx is None:
         block_idx = score_and_select(q, k, sel, generator=generator, cu_seqlens=cu_seqlens, impl=impl)
     else:
@@ -308,7 +353,7 @@ def spla_attention(
     if rla == "subtract":
         o_sparse, lse, residual = sparse_attention_with_residual(
             q, k, v, phi_q, phi_k, block_idx, scale=sel.scale, normalize=normalize, return_normalizer=joint,
-            return_lse=joint, impl=impl, validate=False, **geometry)
+            return_lse=joint, impl=impl, validate=False, feature_map=feature_map if recompute else None, **geometry)
     else:
         out = block_sparse_attention(q, k, v, block_idx, scale=sel.scale, return_lse=joint, impl=impl,
                                      validate=False, **geometry)
@@ -317,17 +362,14 @@ def spla_attention(
             residual = explicit_residual_linear_attention(phi_q, phi_k, v, block_idx, normalize=normalize,
                                                           return_normalizer=joint, **geometry)
     if residual is None:
-        out, extra = o_sparse, None
+        out, share = o_sparse, None
     else:
-        out, extra = _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps)
+        out, share = _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps, impl, return_aux)
     if not return_aux:
         return out
-    aux = SPLAAux(block_idx=block_idx, o_sparse=o_sparse, lse=lse, residual=residual)
-    if extra is not None:
+    aux = SPLAAux(block_idx=block_idx, o_sparse=o_sparse, lse=lse, residual=residual, residual_share=share)
+    if share is not None and not joint and gate is not None:
         with torch.no_grad():
-            e, s = extra.detach().float().norm(), o_sparse.detach().float().norm()
-            aux.residual_share = e / (s + e + 1e-12)
-            if not joint and gate is not None:
-                aux.gate_abs = (gate.detach().float().abs().mean() if isinstance(gate, torch.Tensor)
-                                else torch.tensor(abs(float(gate))))
+            aux.gate_abs = (gate.detach().float().abs().mean() if isinstance(gate, torch.Tensor)
+                            else torch.tensor(abs(float(gate))))
     return out, aux

@@ -70,7 +70,8 @@ def test_table_covers_every_class_and_keeps_the_measured_tiles():
         fwd_rows=16, dq_rows=16, dkv_rows=16, window=2048, fwd_warps=4, fwd_stages=2, dq_warps=4, dq_stages=2,
         dkv_warps=4, dkv_stages=2)
     assert C.select_config("sm90", dtype=bf16, head_dim=128) == C.SelectConfig(
-        rows=128, blocks_per_step=32, warps=8, stages=3, quad_split=True)
+        rows=128, blocks_per_step=32, warps=8, stages=3, quad_split=True, mean_split=True, presplit=True,
+        relayout=True)
     assert C.linear_config("sm90", dtype=bf16) == C.LinearConfig(
         out_rows=64, out_warps=4, out_stages=3, dkdv_rows=64, dkdv_warps=8, dkdv_stages=2, super_target=256,
         scan_chunks=16, scan_block=256, epilogue_rows=32, bwd_split=True)

@@ -93,6 +93,65 @@ def test_packed_equal_lengths_and_causal():
     assert torch.equal(first[:, :, :120], again[:, :, :120]) and not torch.equal(first, again)
 
 
+NEW_PATHS = [SelectConfig(presplit=True, relayout=True), SelectConfig(presplit=True),
+             SelectConfig(relayout=True, rows=32, blocks_per_step=16, warps=4, stages=2)]
+
+
+@pytest.mark.parametrize("config", NEW_PATHS, ids=["presplit+relayout", "presplit", "relayout-small-tiles"])
+def test_presplit_and_relayout_pick_the_reference_blocks(config):
+    # The statistics kernel's bf16 halves and the relayout of the top-k: taylor2 / taylor1, packed sequences with
+    # a one-token sequence and a partial last block, local + sink blocks, every head reduction.
+    _check(1, 200, 4, 2, 32, torch.bfloat16, block_size=16, topk=5, config=config)
+    _check(1, 150, 4, 2, 16, torch.bfloat16, cu=[0, 1, 37, 150], block_size=8, topk=4, local_blocks=2,
+           sink_blocks=1, head_reduce="max", config=config)
+    _check(2, 90, 2, 2, 16, torch.bfloat16, block_size=8, topk=6, scorer="taylor1", head_reduce="mean",
+           config=config)
+
+
+def test_relayout_and_presplit_change_no_pick():
+    # Same statistics: the relayout moves keys, it does not change them, so the selection is identical; the
+    # statistics kernel's halves equal block_key_stats' scaled moments split the same way.
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 160, 4, 32, generator=g).bfloat16()
+    k = (torch.randn(1, 160, 2, 32, generator=g) * 1.5 + 0.3).bfloat16()
+    s = Selection(block_size=16, topk=4)
+    base = sel.select_blocks_fused(q, k, s, config=SelectConfig())
+    assert torch.equal(sel.select_blocks_fused(q, k, s, config=SelectConfig(relayout=True)), base)
+    cu = torch.tensor([0, 50, 160], dtype=torch.int32)
+    kf = k.view(160, 2, 32)
+    tab = sel._tables(((0, 50), (50, 160)), 16, 4, kf.device)
+    st, logc = sel._presplit_stats(kf, tab, 16, 2, 0.3)
+    count, mean, var = sel._block_stats(kf, ((0, 50), (50, 160)), 16, "diag", 4)
+    assert torch.equal(logc, count.log())
+    for part, ref in ((0, 0.3 * mean), (2, 0.045 * var)):
+        hi, lo = st[:, :, part].float(), st[:, :, part + 1].float()
+        assert ((hi - ref).abs() <= ref.abs() * 2**-7).all()  # a bf16 rounding (the interpreter truncates)
+        # ~16 bits together (2^-17 rounding to nearest on the GPU; truncating, the interpreter gets 2^-15)
+        torch.testing.assert_close(hi + lo, ref, rtol=6e-5, atol=1e-6)
+    picks = sel.select_blocks_fused(q, k, s, cu_seqlens=cu, config=SelectConfig(presplit=True))
+    ref = select_blocks(block_scores(q, k, s, cu_seqlens=cu), s, cu_seqlens=cu)
+    assert (picks == ref).all(-1).float().mean() > 0.95
+
+
+def test_single_product_terms_stay_close():
+    # mean_split / quad_split off: one bf16 product per term (~8 bits of the statistics). Near-ties may flip;
+    # the picks' reference scores stay within bf16 rounding of the chosen ones.
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 200, 4, 32, generator=g).bfloat16()
+    k = torch.randn(1, 200, 2, 32, generator=g).bfloat16()
+    s = Selection(block_size=16, topk=5)
+    scores = block_scores(q, k, s)
+    ref = select_blocks(scores, s)
+    for config in (SelectConfig(mean_split=False, quad_split=False),
+                   SelectConfig(presplit=True, relayout=True, mean_split=False, quad_split=False)):
+        got = sel.select_blocks_fused(q, k, s, config=config)
+        assert torch.equal((got >= 0).sum(-1), (ref >= 0).sum(-1))
+        assert (got == ref).all(-1).float().mean() > 0.9
+        sc = scores.masked_fill(torch.isinf(scores), 0)
+        mass = [torch.where(i >= 0, sc.gather(-1, i.clamp(min=0).long()), 0).sum(-1) for i in (got, ref)]
+        assert ((mass[1] - mass[0]).abs() < 2e-2).all()
+
+
 def test_dispatch_through_op():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 96, 2, 16, generator=g), torch.randn(1, 96, 1, 16, generator=g)
