@@ -26,7 +26,7 @@ from .fidelity import SelectionFidelityMetrics
 from .loading import LoadedModel, attention_kind, load_model
 from .perplexity import PositionBucketLoss, token_losses
 from .report import eval_markdown, plot_accuracy, write_json
-from .ruler import autocast, check_disjoint, check_tasks, heldout_seed, run_suite
+from .ruler import DECODE_MODES, autocast, check_disjoint, check_tasks, heldout_seed, run_suite
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ def check_eval_config(cfg: DictConfig) -> None:
     """Fail fast, naming the key, on values that do not depend on the checkpoint."""
     if cfg.impl not in IMPLS:
         raise ConfigError(f"impl: unknown value {cfg.impl!r}; expected one of {', '.join(IMPLS)}")
+    if cfg.get("decode", "teacher_forced") not in DECODE_MODES:
+        raise ConfigError(f"decode: unknown value {cfg.decode!r}; expected one of {', '.join(DECODE_MODES)}")
     for key in ("num_samples", "batch_size", "perplexity.num_samples", "perplexity.num_buckets",
                 "fidelity.num_samples"):
         _positive(cfg, key)
@@ -160,6 +162,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                   "non_embedding_params": n_params,
                   "attention_config": _plain(tcfg.model.attention)},
         "eval": {"lengths": lengths, "tasks": tasks, "seed": cfg.seed, "device": str(device),
+                 "decode": cfg.get("decode", "teacher_forced"),
                  "precision": precision, "impl": cfg.impl, "overrides": loaded.overrides,
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
@@ -171,6 +174,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         max_batch_tokens=cfg.max_batch_tokens, device=device, precision=precision, vocab_size=tcfg.data.vocab_size,
         language_seed=tcfg.data.get("language_seed", 0), task_kwargs=task_kwargs, log=log)
     timing["ruler"] = time.perf_counter() - t0
+    if cfg.get("decode", "teacher_forced") == "generate":
+        t0 = time.perf_counter()
+        results["ruler_generate"] = run_suite(
+            loaded.net, tasks, lengths, cfg.num_samples, cfg.seed, batch_size=cfg.batch_size,
+            max_batch_tokens=cfg.max_batch_tokens, device=device, precision=precision,
+            vocab_size=tcfg.data.vocab_size, language_seed=tcfg.data.get("language_seed", 0), task_kwargs=task_kwargs,
+            log=log, decode="generate")
+        timing["ruler_generate"] = time.perf_counter() - t0
     if cfg.perplexity.enabled:
         t0 = time.perf_counter()
         data = heldout_dataset(loaded, cfg.perplexity.length or tcfg.data.seq_len, cfg.perplexity.num_samples,

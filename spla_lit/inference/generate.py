@@ -6,6 +6,8 @@ with the others given (the evaluation's generated answers, ``eval.py decode=gene
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -90,7 +92,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, prompt_lengths=None,
              temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, cuda_graph: bool | None = None,
+             timings: dict | None = None) -> torch.Tensor:
     """Continue each row's prompt by ``max_new_tokens`` tokens: LongTensor [B, max_new_tokens].
 
     Args:
@@ -102,6 +105,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
         eos_token_id: a row stops after producing it; its later positions hold ``eos_token_id`` too.
         generator: the RNG of sampling.
         cuda_graph: replay the decode step as a CUDA graph (None: on CUDA when possible).
+        timings: a dict to receive ``prefill_s``, ``decode_s`` (wall seconds, the device synchronised) and
+            ``decode_steps``.
 
     Each row gets what it would get alone: its prompt is prefilled by the training ops, then every step feeds
     one token per row through the cache (``model.new_cache``), rows at their own positions.
@@ -123,9 +128,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
                      device=ids.device)
     if max_new_tokens == 0:
         return out
+    clock = _Clock(ids.device, timings)
     dec = Decoder(model, B, max(lengths) + max_new_tokens, device=ids.device, cuda_graph=cuda_graph)
     tok = sample(dec.prefill(ids, lengths), temperature, top_p, generator)
+    clock.lap("prefill_s")
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    steps = 0
     for i in range(max_new_tokens):
         if eos_token_id is not None:
             tok = torch.where(done, eos_token_id, tok)
@@ -135,7 +143,32 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
                                        and bool(done.all())):
             break
         tok = sample(dec.step(tok), temperature, top_p, generator)
+        steps += 1
+    clock.lap("decode_s")
+    if timings is not None:
+        timings["decode_steps"] = steps
     return out
+
+
+class _Clock:
+    """Wall-clock laps into ``timings`` (synchronising the device), or nothing when it is None."""
+
+    def __init__(self, device: torch.device, timings: dict | None) -> None:
+        self.device, self.timings = device, timings
+        self.t = self._now()
+
+    def _now(self) -> float:
+        if self.timings is None:
+            return 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is not None:
+            now = self._now()
+            self.timings[name] = now - self.t
+            self.t = now
 
 
 @torch.no_grad()
