@@ -16,6 +16,8 @@ _ENTRY_POINTS = {
     "causal_linear_attention": "linear",
     "select_blocks_fused": "select",
     "subtract_residual": "residual",
+    "decode_select_blocks": "decode",
+    "decode_sparse_with_selected_linear": "decode",
 }
 
 
