@@ -64,7 +64,10 @@ class Decoder:
             while e < B and lengths[e] == lengths[b]:
                 e += 1
             rows = self.cache if (b, e) == (0, B) else self.cache.rows(b, e)
-            out.append(self.model(input_ids[b:e, : lengths[b]], cache=rows)[:, -1])
+            ids = input_ids[b:e, : lengths[b]]
+            last = getattr(self.model, "_forward_cached", None)  # DecoderLM: no [B, T, vocab] logits for a prompt
+            logits = last(ids, None, rows, last_only=True) if last is not None else self.model(ids, cache=rows)
+            out.append(logits[:, -1])
             b = e
         return torch.cat(out)
 

@@ -120,7 +120,10 @@ class DecoderLM(nn.Module):
                 x = layer(x, rope, cu_seqlens)
         return self.lm_head(self.norm(x))
 
-    def _forward_cached(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    def _forward_cached(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, cache: KVCache, *,
+                        last_only: bool = False) -> torch.Tensor:
+        """The cached forward; ``last_only``: logits of each row's last new token only, [B, 1, vocab] (a long
+        prompt's prefill never holds [B, T, vocab] logits)."""
         if cu_seqlens is not None:
             raise ValueError("cu_seqlens: packed rows cannot be decoded with a cache (one sequence per row)")
         if not isinstance(cache, KVCache):
@@ -139,7 +142,7 @@ class DecoderLM(nn.Module):
             cache.invalidate()  # some layers hold the new tokens, others not
             raise
         cache.advance(T)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     def cache_specs(self) -> list[LayerCacheSpec]:
         """What a KV cache keeps for each layer (``layer.attn.cache_spec()``)."""
