@@ -18,6 +18,7 @@ _ENTRY_POINTS = {
     "subtract_residual": "residual",
     "decode_select_blocks": "decode",
     "decode_sparse_with_selected_linear": "decode",
+    "decode_append": "decode",
 }
 
 

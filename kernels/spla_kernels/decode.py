@@ -4,6 +4,8 @@
   row from the cached block statistics and keep the top-k, forced local / sink blocks included. The blocks are
   split over programs (``(B * Hkv, splits)``), each keeping a running top-k of its blocks (packed int64 keys, as
   in ``_select_kernels``); a small kernel merges the splits' lists.
+* :func:`decode_append` (``LayerCache.append`` for one token per row): the new K/V, the block statistics and the
+  linear state updated in one kernel.
 * :func:`decode_sparse_with_selected_linear` (``spla_lit.ops.decode_sparse_attention`` for one token): exact
   attention over the selected blocks and the selected-linear term ``sum (phi(q) . phi(k_j)) [v_j, 1]`` from the
   same K/V tiles, flash-decoding style: the G query heads of a KV head in one program (rows of a tensor-core
@@ -31,7 +33,7 @@ from spla_lit.options import Selection
 from ._select_kernels import _sortable
 from ._utils import interpreting
 
-__all__ = ["CONFIG", "DecodeConfig", "decode_select_blocks", "decode_sparse_with_selected_linear"]
+__all__ = ["CONFIG", "DecodeConfig", "decode_append", "decode_select_blocks", "decode_sparse_with_selected_linear"]
 
 _LOG2E = 1.4426950408889634
 _FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2, "softmax": 3}
@@ -407,3 +409,87 @@ def decode_sparse_with_selected_linear(
         DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split), SELECTED=selected, NORM=bool(with_normalizer),
     )
     return o, lse, sel, counts
+
+
+# -------------------------------------------------------------------------------------------------- append
+
+
+@triton.jit
+def _append_kernel(
+    K_NEW, V_NEW, PK_NEW, POS, KC, VC, MEAN, VAR, RSUM, RSQ, STATE,
+    M_len, HKV, s_mb, s_mh, s_mn,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BDV1: tl.constexpr, BFC: tl.constexpr,
+    BS: tl.constexpr, KV: tl.constexpr, STATS: tl.constexpr, DIAG: tl.constexpr, STATE_ON: tl.constexpr,
+):
+    """grid (B * Hkv,): write the new token's K/V at its position; update its block's running sums and moments
+    (reset when the block completes); add phi(k) [v, 1]^T to the state."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    p = tl.load(POS + b)
+    ds = tl.arange(0, BD)
+    dm = ds < D
+    dv = tl.arange(0, BDV1)
+    vm = dv < DV
+    k = tl.load(K_NEW + bh * D + ds, mask=dm, other=0.0)
+    v = tl.load(V_NEW + bh * DV + dv, mask=vm, other=0.0)
+    if KV:
+        row = (b * M_len + p).to(tl.int64) * HKV + h
+        tl.store(KC + row * D + ds, k.to(KC.dtype.element_ty), mask=dm)
+        tl.store(VC + row * DV + dv, v.to(VC.dtype.element_ty), mask=vm)
+    if STATS:
+        kf = k.to(tl.float32)
+        s = tl.load(RSUM + bh * D + ds, mask=dm, other=0.0) + kf
+        c = (p % BS + 1).to(tl.float32)
+        mean = s / c
+        slot = MEAN + b * s_mb + h * s_mh + (p // BS) * s_mn + ds
+        tl.store(slot, mean.to(MEAN.dtype.element_ty), mask=dm)
+        done = (p % BS) == BS - 1
+        tl.store(RSUM + bh * D + ds, tl.where(done, 0.0, s), mask=dm)
+        if DIAG:
+            sq = tl.load(RSQ + bh * D + ds, mask=dm, other=0.0) + kf * kf
+            var = tl.maximum(sq / c - mean * mean, 0.0)
+            tl.store(VAR + b * s_mb + h * s_mh + (p // BS) * s_mn + ds, var.to(VAR.dtype.element_ty), mask=dm)
+            tl.store(RSQ + bh * D + ds, tl.where(done, 0.0, sq), mask=dm)
+    if STATE_ON:
+        v1 = tl.where(vm, v.to(tl.float32), tl.where(dv == DV, 1.0, 0.0))
+        cm = dv < DV + 1
+        for f0 in range(0, F, BFC):
+            f = f0 + tl.arange(0, BFC)
+            fm = f < F
+            pk = tl.load(PK_NEW + bh * F + f, mask=fm, other=0.0).to(tl.float32)
+            ptr = STATE + (bh * F + f).to(tl.int64)[:, None] * (DV + 1) + dv[None, :]
+            msk = fm[:, None] & cm[None, :]
+            tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + pk[:, None] * v1[None, :], mask=msk)
+
+
+def decode_append(k: torch.Tensor | None, v: torch.Tensor, phi_k: torch.Tensor | None, positions: torch.Tensor, *,
+                  k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, block_size: int | None = None,
+                  mean: torch.Tensor | None = None, var: torch.Tensor | None = None,
+                  run_sum: torch.Tensor | None = None, run_sq: torch.Tensor | None = None,
+                  state: torch.Tensor | None = None) -> bool:
+    """``LayerCache.append`` of one token per row in one kernel (in place; returns True): K/V written at
+    ``positions`` [B, 1], the block's running sums and moments (mean; diag variance), the state ``S += phi(k)
+    [v, 1]^T``. Declines (NotImplementedError) several tokens, the full / low-rank covariance (no ``var`` with a
+    second moment is the caller's test) and non-contiguous tensors."""
+    B, T, H, Dv = v.shape
+    if T != 1:
+        raise NotImplementedError("decode_append takes one token per row")
+    D = k.shape[-1] if k is not None else Dv
+    tensors = [t for t in (k, v, phi_k, k_cache, v_cache, mean, var, run_sum, run_sq, state) if t is not None]
+    if not all(t.is_contiguous() for t in tensors) or max(D, Dv) > 256:
+        raise NotImplementedError("decode_append needs contiguous tensors and head dims <= 256")
+    stats, kv, on = mean is not None, k_cache is not None, state is not None
+    F = phi_k.shape[-1] if on else 16
+    if on and F > 4096:
+        raise NotImplementedError(f"feature dim {F} too large for decode_append")
+    ph = v  # placeholder pointer for the parts switched off
+    _append_kernel[(B * H,)](
+        k if k is not None else ph, v, phi_k if on else ph, positions.reshape(B), k_cache if kv else ph,
+        v_cache if kv else ph, mean if stats else ph, var if var is not None else ph,
+        run_sum if stats else ph, run_sq if run_sq is not None else ph, state if on else ph,
+        k_cache.shape[1] if kv else 0, H, *(mean.stride()[:3] if stats else (0, 0, 0)),
+        D=D, DV=Dv, F=F, BD=max(16, next_pow2(D)), BDV1=max(16, next_pow2(Dv + 1)), BFC=min(32, next_pow2(F)),
+        BS=block_size or 1, KV=kv, STATS=stats, DIAG=var is not None, STATE_ON=on,
+    )
+    return True

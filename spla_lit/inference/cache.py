@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops._dispatch import run_kernel, use_triton
 from ..ops.utils import acc_dtype, cdiv
 from ..options import COVARIANCES, check_choice, check_positive_int
 
@@ -152,10 +153,18 @@ class LayerCache:
 
     # ------------------------------------------------------------------------------------------- updates
 
-    def append(self, k: torch.Tensor | None, v: torch.Tensor, phi_k: torch.Tensor | None = None) -> None:
+    def append(self, k: torch.Tensor | None, v: torch.Tensor, phi_k: torch.Tensor | None = None, *,
+               impl: str = "auto") -> None:
         """Write the new tokens (k, v [B, T, Hkv, D | Dv], their features phi_k [B, T, Hkv, F] for the state) at
-        :attr:`positions` and update the statistics and the state. Called once per layer and forward."""
+        :attr:`positions` and update the statistics and the state. Called once per layer and forward. One token
+        per row on CUDA: one Triton kernel (``spla_kernels.decode_append``) does it all."""
         pos = self.positions
+        if pos.shape[1] == 1 and self.run_outer is None and use_triton(impl, "decode_append", v):
+            done = run_kernel(impl, "decode_append", k, v.contiguous(), phi_k, pos, k_cache=self.k, v_cache=self.v,
+                              block_size=self.spec.block_size, mean=self.mean, var=self.var, run_sum=self.run_sum,
+                              run_sq=self.run_sq, state=self.state)
+            if done:
+                return
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None]
         if self.k is not None:
             self.k[rows, pos] = k.to(self.k.dtype)

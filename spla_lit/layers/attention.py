@@ -186,9 +186,9 @@ class SPLAAttention(_Projections):
         q, k, v, residual, generator = self._inputs(x, rope)
         if cache.empty:
             o = ops.spla_attention(q, k, v, self.selection, generator=generator, impl=self.impl, **residual)
-            cache.append(k, v, residual.get("phi_k"))
+            cache.append(k, v, residual.get("phi_k"), impl=self.impl)
             return self.out(o)
-        cache.append(k, v, residual.get("phi_k"))
+        cache.append(k, v, residual.get("phi_k"), impl=self.impl)
         kc, vc = cache.keys_values()
         feature_map = self.rla.feature_map_name if self.rla is not None else "elu1"
         o = ops.spla_decode(q, kc, vc, cache.positions, self.selection, block_stats=cache.block_stats,

@@ -165,3 +165,37 @@ def test_model_decoding_on_the_triton_path_equals_the_reference_forward():
     cache = net.new_cache(2, 14)
     out = torch.cat([net(x[:, :11], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(11, 14)], 1)
     torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
+
+
+@pytest.mark.parametrize("spec_kw", [dict(block_size=BS, covariance="diag", state_dim=D),
+                                     dict(block_size=BS, covariance=None), dict(), dict(keys=False, state_dim=D)],
+                         ids=["spla-diag", "taylor1-no-rla", "dense", "linear"])
+@torch.no_grad()
+def test_append_kernel_matches_reference(monkeypatch, spec_kw):
+    """One token per row (rows at different lengths, one completing its block): every cache tensor equal."""
+    from spla_lit.inference.cache import KVCache, LayerCacheSpec
+
+    calls = []
+    kernel = K.decode_append
+    monkeypatch.setattr(K, "decode_append", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+
+    g = torch.Generator().manual_seed(4)
+    caches = [KVCache([LayerCacheSpec(kv_heads=HKV, head_dim=D, value_dim=D, **spec_kw)], B, 24) for _ in range(2)]
+    first = [torch.randn(1, n, HKV, D, generator=g) for n in (7, 10)]
+    new = [torch.randn(B, 1, HKV, D, generator=g) for _ in range(2)]
+    phi = ops.feature_map("elu1")
+    for cache in caches:
+        for b, kv in enumerate(first):  # ragged rows by the reference path
+            rows = cache.rows(b, b + 1)
+            rows.begin(kv.shape[1])
+            rows.layers[0].append(kv, kv * 0.5, phi(kv), impl="reference")
+            rows.advance(kv.shape[1])
+    for cache, impl in zip(caches, ("reference", "triton")):
+        cache.begin(1)
+        cache.layers[0].append(new[0], new[1], phi(new[0]), impl=impl)
+        cache.advance(1)
+    assert calls == [1]
+    ref, got = caches[0].layers[0].tensors(), caches[1].layers[0].tensors()
+    assert set(ref) == set(got)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-6, msg=name)
