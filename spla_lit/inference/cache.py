@@ -127,6 +127,12 @@ class LayerCache:
         return self.parent.step_positions
 
     @property
+    def uniform_step(self) -> bool:
+        """One new token per row, every row as long and the cache read up to exactly that length (eager mode):
+        then every cached key is visible to every new token, no mask needed."""
+        return self.parent.uniform_step
+
+    @property
     def visible_len(self) -> int:
         """Cache rows a step needs to look at: the longest row's end (the whole cache in static mode)."""
         return self.parent.visible_len
@@ -244,6 +250,7 @@ class KVCache:
         self.static = False  # CUDA-graph mode: shapes never depend on the rows' lengths
         self.step_positions: torch.Tensor | None = None
         self.visible_len = 0
+        self.uniform_step = False
         if _view_of is not None:
             base, start, stop = _view_of
             self.batch_size, self.max_seq_len = stop - start, base.max_seq_len
@@ -326,6 +333,7 @@ class KVCache:
         """Start a forward of T new tokens per row: sets and returns their positions int64 [B, T]."""
         self.step_positions = self.lengths[:, None] + torch.arange(T, device=self.device)
         self.visible_len = self.max_seq_len if self.static else int(self.host_lengths.max()) + T
+        self.uniform_step = T == 1 and not self.static and int(self.host_lengths.min()) + T == self.visible_len
         return self.step_positions
 
     def advance(self, T: int) -> None:

@@ -237,7 +237,9 @@ class DenseAttention(_Projections):
         if cache.empty:  # whole prompts: the training path
             return self.out(self._attend(q, k, v, None))
         kc, vc = cache.keys_values()
-        return self.out(ops.dense_decode(q, kc, vc, cache.positions))
+        # One token per row, every row as long (host lengths): no mask, SDPA's flash kernel.
+        positions = None if cache.uniform_step else cache.positions
+        return self.out(ops.dense_decode(q, kc, vc, positions))
 
 
 class LinearAttention(_Projections):

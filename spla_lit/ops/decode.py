@@ -308,18 +308,24 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  *, scale: float | None = None) -> torch.Tensor:
     """Dense causal attention of new tokens over the cache (SDPA, grouped-query heads): [B, T, Hq, Dv].
 
-    ``positions`` int [B, T]: key j is visible to a query iff ``j <= position`` (None: every cached key, for
-    one token per row whose cache holds exactly its prefix). Reads the whole cache given: pass it sliced to
-    the longest row.
+    ``positions`` int [B, T]: key j is visible to a query iff ``j <= position``. None: every cached key (one
+    token per row whose cache holds exactly its prefix: SDPA's flash kernel with ``enable_gqa``). With a mask the
+    G query heads of a KV head are folded into the query axis (SDPA has no GQA kernel with a mask and would
+    expand K/V to every query head). Reads the whole cache given: pass it sliced to the longest row.
     """
-    B, T = q.shape[:2]
-    qh, kh, vh = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    mask = None
-    if positions is not None:
-        _check_positions(positions, B, T)
-        mask = (torch.arange(k_cache.shape[1], device=q.device) <= positions[..., None])[:, None]  # [B, 1, T, M]
-    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.transpose(1, 2)
+    B, T, Hq, D = q.shape
+    Hkv, M, Dv = k_cache.shape[2], k_cache.shape[1], v_cache.shape[-1]
+    kh, vh = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    if positions is None:
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kh, vh, scale=scale, enable_gqa=True)
+        return o.transpose(1, 2)
+    _check_positions(positions, B, T)
+    G = Hq // Hkv
+    qh = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)  # rows (g, t)
+    mask = torch.arange(M, device=q.device) <= positions[..., None]  # [B, T, M]
+    mask = mask[:, None, None].expand(B, 1, G, T, M).reshape(B, 1, G * T, M)
+    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.reshape(B, Hkv, G, T, Dv).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, Dv)
 
 
 # ------------------------------------------------------------------------------------------------ the step
