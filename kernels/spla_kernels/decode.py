@@ -91,7 +91,7 @@ def _score_kernel(
     h = bh % HKV
     MAXB: tl.constexpr = 2147483647
     SENT: tl.constexpr = -9223372036854775808
-    p = tl.load(POS + b)
+    p = tl.load(POS + b).to(tl.int32)  # int32 like the split bounds: one type for the loop's range
     diag = p // block_size
     lo = tl.maximum(diag - local_blocks + 1, 0)
     g = tl.arange(0, GP)
