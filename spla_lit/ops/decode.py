@@ -100,24 +100,26 @@ def decode_block_scores(q: torch.Tensor, mean: torch.Tensor | None, second, posi
     B, T, Hq, D = check_bshd("q", q).shape
     _check_positions(positions, B, T)
     scale = D**-0.5 if sel.scale is None else sel.scale
+    if mean is not None:
+        Hkv, nK = mean.shape[1], mean.shape[2]
+    elif k_cache is not None:
+        Hkv, nK = k_cache.shape[2], cdiv(k_cache.shape[1], sel.block_size)
+    else:
+        raise ValueError("decode_block_scores needs the block statistics (mean) or k_cache")
     with torch.no_grad():
         q = q.detach()
-        if sel.scorer == "oracle":
-            if k_cache is None:
-                raise ValueError("scorer='oracle' needs k_cache: the exact block mass reads every cached key")
-            lm = _oracle_log_mass(q, k_cache, block_size=sel.block_size, scale=scale, positions=positions)
-            nK, Hkv = lm.shape[-1], k_cache.shape[2]
-        else:
-            if mean is None:
-                raise ValueError(f"scorer={sel.scorer!r} needs the block statistics (mean)")
-            Hkv, nK = mean.shape[1], mean.shape[2]
         if sel.scorer == "random":
             s = torch.rand(B, Hkv, T, nK, generator=generator, device=q.device, dtype=torch.float32)
         else:
-            if sel.scorer != "oracle":
+            if sel.scorer == "oracle":
+                if k_cache is None:
+                    raise ValueError("scorer='oracle' needs k_cache: the exact block mass reads every cached key")
+                lm = _oracle_log_mass(q, k_cache, block_size=sel.block_size, scale=scale, positions=positions)
+            else:
                 covariance = sel.covariance if sel.scorer == "taylor2" else None
-                if covariance is not None and second is None:
-                    raise ValueError(f"scorer=taylor2 with covariance={covariance!r} needs its second moments")
+                if mean is None or (covariance is not None and second is None):
+                    raise ValueError(f"scorer={sel.scorer!r} needs the block statistics (mean and, with "
+                                     f"covariance={covariance!r}, its second moments)")
                 # Complete blocks only are scored (the partial one is forced): log|b| = log(block_size).
                 lm = stats_log_mass(group_heads(q, Hkv), math.log(sel.block_size), mean, second, scale=scale,
                                     covariance=covariance)

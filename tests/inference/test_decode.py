@@ -199,3 +199,15 @@ def test_chunk_decoding_is_causal(overrides):
         out = net(y, cache=cache)
         torch.testing.assert_close(out[:, :i + 1], ref[:, :i + 1], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(out[:, i + 1:], ref[:, i + 1:])
+
+
+@torch.no_grad()
+def test_random_scorer_decodes():
+    """scorer=random is left out of the equality tests (its training selection is not a function of the past),
+    but it decodes: the prompt's logits are the full forward's, and decode steps draw their own blocks."""
+    net = tiny_model(["model=spla", "scorer=random"])
+    x = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(6))
+    logits, cache = _decode(net, x, [20])
+    assert torch.isfinite(logits).all() and cache.lengths_list() == [30, 30]
+    assert rel_err(logits[:, :20], net(x[:, :20])) < 1e-5
+    assert net.generate(x, 4).shape == (2, 4)
