@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from spla_lit.config import ConfigError
 from spla_lit.eval.runner import evaluate
+from spla_lit.training.run import discard_rejected_run
 
 log = logging.getLogger("eval")
 
@@ -27,8 +28,9 @@ log = logging.getLogger("eval")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = evaluate(cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # a bad value or checkpoint: one line naming the key, nothing left behind
         log.error("invalid config: %s", e)
+        discard_rejected_run(cfg.paths.output_dir, cfg.paths.log_dir)
         sys.exit(2)
     # the value a Hydra sweeper would optimise: RULER's score averaged over lengths
     return results["ruler"]["overall"]

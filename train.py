@@ -4,8 +4,9 @@
     python train.py model=spla scorer=taylor2        # choose components by config group
     python train.py -m scorer=taylor2,taylor1,random rla=subtract,none   # an ablation sweep
     python train.py trainer=gpu data.seq_len=4096 trainer.max_steps=2000
-    python train.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume exactly
+    python train.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume exactly (in a new run folder)
 
+Ctrl-C or SIGTERM finishes the optimizer step, writes checkpoints/last.ckpt and exits with 128 + the signal.
 See conf/ for every option; `python train.py --help` lists the config groups.
 """
 
@@ -18,8 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from spla_lit.config import ConfigError
-from spla_lit.training import NonFiniteLossError
-from spla_lit.training.run import train
+from spla_lit.training import NonFiniteLossError, TrainingInterrupted
+from spla_lit.training.run import discard_rejected_run, train
 
 log = logging.getLogger("train")
 
@@ -28,12 +29,15 @@ log = logging.getLogger("train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # a bad value or checkpoint: one line naming the key, nothing left behind
         log.error("invalid config: %s", e)
+        discard_rejected_run(cfg.paths.output_dir, cfg.paths.log_dir)
         sys.exit(2)
     except NonFiniteLossError as e:
         log.error("%s", e)
         sys.exit(1)
+    except TrainingInterrupted as e:  # stopped on a signal, checkpoint written (logged by train)
+        sys.exit(128 + e.signum)
     # the value a Hydra sweeper would optimise
     return metrics.get("val/loss")
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -195,7 +194,7 @@ def copy_bandwidth(device, timer: Timer) -> float:
     ms = timer(lambda: b.copy_(a), iters=20)
     bw = 2 * a.numel() * 2 / (ms * 1e-3)
     log(f"copy bandwidth: {bw / 1e12:.2f} TB/s ({2 * a.numel() * 2 / GIB:.1f} GiB moved in {ms:.3f} ms)")
-    del a, b
+    a = b = None  # free the buffers (not del: the timed lambda closes over them)
     return bw
 
 
@@ -365,7 +364,7 @@ def prefill(c: dict, device, dtype, impl: str, timer: Timer) -> dict:
         out["op_dense_ms"] = timer(lambda: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True), iters=3,
             warmup=1)
-    del q, k, v
+    q = k = v = None  # free the buffers (not del: the timed lambdas close over them)
     log(f"prefill op at {n}: SPLA {out['op_spla_ms']:.1f} ms, dense {out['op_dense_ms']:.1f} ms "
         f"-> {out['op_dense_ms'] / out['op_spla_ms']:.1f}x")
     ids = torch.randint(0, c["model"]["vocab_size"], (1, n), device=device)
@@ -402,7 +401,8 @@ def markdown(res: dict) -> str:
              f"{100 * res['check']['selection_agreement']:.1f}%", f"- fla NSA decode: {res['nsa']}", "",
              "## Attention decode step, one layer", "",
              "| context | B | SPLA ms | SPLA kernels alone ms | SPLA eager ms | dense SDPA ms | flash kvcache ms | "
-             "SPLA vs dense | SPLA MB read | dense MB read | bytes ratio | SPLA GB/s (of copy) | dense GB/s (of copy) |",
+             "SPLA vs dense | SPLA MB read | dense MB read | bytes ratio | SPLA GB/s (of copy) | "
+             "dense GB/s (of copy) |",
              "|" + " --- |" * 13]
     for r in res["attention"]:
         lines.append(f"| {r['context']} | {r['batch']} | {r['spla_ms']:.4f} | {r['spla_kernels_ms']:.4f} | "
@@ -411,17 +411,19 @@ def markdown(res: dict) -> str:
                      f"{r['spla'] / 1e6:.2f} | {r['dense'] / 1e6:.1f} | 1/{r['bytes_ratio']:.0f} | "
                      f"{r['spla_GBps']:.0f} ({100 * r['spla_bw_frac']:.0f}%) | "
                      f"{r['dense_GBps']:.0f} ({100 * r['dense_bw_frac']:.0f}%) |")
-    lines += ["", "## Whole-model decode", "", "| model | params | context | B | cache GiB | ms/step (graph) | tokens/s "
-              "(graph) | ms/step (eager) | graph vs eager |", "|" + " --- |" * 9]
+    lines += ["", "## Whole-model decode", "",
+              "| model | params | context | B | cache GiB | ms/step (graph) | tokens/s (graph) | ms/step (eager) | "
+              "graph vs eager |", "|" + " --- |" * 9]
     for r in res["model"]:
-        lines.append(f"| {r['kind']} | {r['params'] / 1e9:.2f}B | {r['context']} | {r['batch']} | {r['cache_GiB']:.1f} | "
+        lines.append(f"| {r['kind']} | {r['params'] / 1e9:.2f}B | {r['context']} | {r['batch']} | "
+                     f"{r['cache_GiB']:.1f} | "
                      f"{r['graph_ms_per_step']:.3f} | {r['graph_tokens_per_s']:.0f} | {r['eager_ms_per_step']:.3f} | "
                      f"{r.get('graph_vs_eager_rel_err', float('nan')):.1e} |")
     if len(res["model"]) == 2:
         spla, dense = res["model"]
         lines.append(f"\nSPLA / dense decode tokens/s, each at its best mode: "
-                     f"{spla['best_tokens_per_s'] / dense['best_tokens_per_s']:.2f}x (dense eager reads exactly the rows' "
-                     "length with SDPA flash; a graph step reads the whole capacity, masked)")
+                     f"{spla['best_tokens_per_s'] / dense['best_tokens_per_s']:.2f}x (dense eager reads exactly the "
+                     "rows' length with SDPA flash; a graph step reads the whole capacity, masked)")
     p = res["prefill"]
     lines += ["", f"## Prefill at {p['context']} tokens (B = 1)", "",
               f"- attention op (Hq {res['config']['hq']}, Hkv {res['config']['hkv']}, D {res['config']['d']}): "

@@ -154,3 +154,53 @@ def _validate_trainer(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator: {accelerator} was requested but no CUDA device is available "
                               "(torch.cuda.is_available() is False); use trainer.accelerator=cpu")
+
+
+def config_warnings(cfg: DictConfig) -> list[str]:
+    """Valid but probably unintended knob values of a training config, one message each (naming the key):
+    ``sparse.topk`` at or above the number of key blocks at ``data.seq_len`` (the selection keeps every block),
+    and, for a run on CUDA with ``impl`` other than ``reference``, the values for which a Triton kernel
+    declines and the PyTorch reference runs instead (more memory: the score matrix or dense masks). The
+    conditions mirror the kernels' ``NotImplementedError`` cases in ``kernels/spla_kernels``."""
+    from .ops.feature_maps import feature_dim
+    from .ops.utils import cdiv
+
+    messages: list[str] = []
+    if not uses_spla(cfg):
+        return messages
+    mode, block, topk = _get(cfg, "sparse.mode"), _get(cfg, "sparse.block_size"), _get(cfg, "sparse.topk")
+    seq_len = _get(cfg, "data.seq_len")
+    if mode == "topk" and topk >= cdiv(seq_len, block):
+        messages.append(f"sparse.topk: {topk} is at least the {cdiv(seq_len, block)} key blocks of data.seq_len="
+                        f"{seq_len} at sparse.block_size={block}: every block is selected (dense attention)")
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if accelerator not in ("gpu", "cuda") or _get(cfg, "impl") == "reference":
+        return messages
+    head_dim = _get(cfg, "model.head_dim") or _get(cfg, "model.d_model") // _get(cfg, "model.n_heads")
+    group = _get(cfg, "model.n_heads") // _get(cfg, "model.n_kv_heads")
+    reference = "the PyTorch reference runs on the GPU instead"
+    if mode == "topk":
+        method, covariance = _get(cfg, "scorer.method"), OmegaConf.select(cfg, "scorer.covariance")
+        why = ("sparse.query_block > 1" if _get(cfg, "sparse.query_block") > 1 else
+               f"scorer.method={method}" if method not in ("taylor1", "taylor2") else
+               "scorer.covariance=full" if method == "taylor2" and covariance == "full" else
+               f"head dim {head_dim} > 256" if head_dim > 256 else
+               f"{group} query heads per KV head > 128" if group > 128 else
+               f"sparse.topk={topk} > 1024" if topk > 1024 else None)
+        if why is not None:
+            messages.append(f"{why}: the fused block selection kernel declines; {reference}, holding the score "
+                            f"matrix [batch, KV heads, data.seq_len, blocks] = {seq_len} x {cdiv(seq_len, block)} "
+                            "per KV head")
+    if head_dim > 256:
+        messages.append(f"model.head_dim: {head_dim} > 256 is beyond the sparse attention kernels")
+    rla = OmegaConf.select(cfg, "model.attention.rla")
+    if rla is not None:
+        features = feature_dim(str(_get(cfg, "rla.feature_map")), head_dim)
+        if _get(cfg, "rla.mode") == "explicit":
+            messages.append(f"rla.mode: explicit reads every unselected block (a check of subtract, O(N^2) memory "
+                            f"at data.seq_len={seq_len}); use rla.mode=subtract for training")
+        elif features > 128 or head_dim > 128:
+            messages.append(f"rla.feature_map: {_get(cfg, 'rla.feature_map')} at head dim {head_dim} gives "
+                            f"{features} features (value dim {head_dim}); the residual kernels take <= 128: "
+                            f"{reference}")
+    return messages

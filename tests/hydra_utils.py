@@ -25,7 +25,7 @@ def make_cfg(overrides: list[str] = (), output_dir: Path | None = None, tiny: bo
              config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as ``python train.py <overrides>`` would, outputs in ``output_dir``."""
     overrides = (TINY if tiny else []) + list(overrides)
-    if "sparse=window" in overrides:  # a sliding window has no topk (sparse/window.yaml): drop the size presets
+    if {"sparse=window", "+variant=window"} & set(overrides):  # a window has no topk (sparse/window.yaml): drop it
         overrides = [o for o in overrides if not o.startswith("sparse.topk=")]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)

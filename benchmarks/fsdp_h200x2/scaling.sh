@@ -26,7 +26,7 @@ python3 -c "import torch; print('p2p', torch.cuda.can_device_access_peer(0, 1))"
 CUDA_VISIBLE_DEVICES=0 arm g1b2 $T trainer=gpu data.batch_size=2 &
 CUDA_VISIBLE_DEVICES=1 arm g1b1 $T trainer=gpu data.batch_size=1
 wait
-NCCL_DEBUG=INFO torchrun --nproc-per-node 2 scripts/bench_collectives.py --mib 22 44 710 1420 \
+NCCL_DEBUG=INFO torchrun --nproc-per-node 2 benchmarks/collectives.py --mib 22 44 710 1420 \
   > $OUT/collectives.log 2>&1; echo "collectives rc=$?" | tee -a $OUT/runs.txt
 grep -v "NCCL INFO" $OUT/collectives.log > $OUT/collectives.txt
 grep -E "via|Channel 00|transport|P2P|SHM|NVLS" $OUT/collectives.log | sort | uniq | head -30 >> $OUT/collectives.txt

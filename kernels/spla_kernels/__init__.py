@@ -1,15 +1,16 @@
 """Triton kernels for SPLA (the package ``spla_kernels``, in the top-level folder ``kernels/``).
 
 Entry points keep the signatures of their PyTorch references in ``spla_lit.ops``, which dispatches to them
-on CUDA. Each is imported lazily so that a missing module or a missing Triton leaves the reference path
-working.
+on CUDA, plus a ``config`` argument for their tiles (the config dataclasses; None takes the per-device table
+of ``spla_kernels.config``). Names are imported lazily, so that a missing Triton leaves the reference path
+working. Design, measurements and the tile table: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_ENTRY_POINTS = {
+_NAMES = {
     "block_sparse_attention": "sparse",
     "sparse_attention_with_selected_linear": "sparse",
     "selected_linear_attention": "sparse",
@@ -19,18 +20,21 @@ _ENTRY_POINTS = {
     "decode_select_blocks": "decode",
     "decode_sparse_with_selected_linear": "decode",
     "decode_append": "decode",
+    "SparseConfig": "config",
+    "SelectConfig": "config",
+    "LinearConfig": "config",
 }
 
 
 def __getattr__(name: str):
-    module = _ENTRY_POINTS.get(name)
+    module = _NAMES.get(name)
     if module is None:
         raise AttributeError(f"module 'spla_kernels' has no attribute {name!r}")
     try:
         mod = importlib.import_module(f".{module}", __name__)
-    except ImportError as e:  # triton missing, or the kernel module not written yet
+    except ImportError as e:  # triton missing
         raise AttributeError(f"spla_kernels.{name} is unavailable: {e}") from e
     return getattr(mod, name)
 
 
-__all__ = list(_ENTRY_POINTS)
+__all__ = list(_NAMES)

@@ -7,8 +7,8 @@ then a scan over super-chunks), so no single program walks the whole sequence.
 
 Precision: states and accumulators are float32. With bfloat16 inputs, products of a bf16 tile with a
 float32 operand (the state, the intra-chunk scores) use a bf16 hi + lo split of the float32 side (~16
-mantissa bits), because the residual linear attention subtracts large terms; ``BWD_SPLIT = False`` rounds
-them to bf16 once in the backward pass (~15% faster, gradients ~1.2x less accurate). The float32 upstream
+mantissa bits), because the residual linear attention subtracts large terms; ``LinearConfig.bwd_split =
+False`` rounds them to bf16 once in the backward pass (faster, gradients ~1.2x less accurate). The float32 upstream
 gradient is rounded to bf16 for the backward products. float32 / float16 inputs use float32 operands with
 ``tf32x3`` products.
 
@@ -21,6 +21,9 @@ in column slices of 128.
 
 Packed sequences (``cu_seqlens``, B == 1): chunks never straddle a sequence and the state restarts at
 each sequence. A batch B > 1 is handled as B packed sequences of length N.
+
+Tiles come from a ``LinearConfig`` (argument, or the per-device table of ``config.py``); the forward and
+backward run inside ``torch.profiler.record_function`` ranges ``spla_kernels.linear: fwd`` / ``bwd``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.profiler import record_function
 
 from spla_lit.ops.utils import cdiv, next_pow2, sequence_segments
 
@@ -39,24 +43,21 @@ from ._linear_kernels import (
     states_scan_kernel,
 )
 from ._utils import interpreting
+from .config import LinearConfig, arch_of, linear_config
 
-CHUNK = 64  # tokens per chunk
-ROWS, OUT_WARPS, OUT_STAGES = 64, 4, 3  # output kernel: (token, head) rows per program, launch config
-DKDV_ROWS, DKDV_STAGES = 64, 2  # key-gradient kernel: query rows per loop step (3 stages overflow smem)
-SUPER_TARGET = 256  # aim for at least this many (super-chunk, head) programs in the sequential state pass
-SCAN_U, SCAN_BLOCK = 16, 256  # super-chunks per scan step, state elements per scan program
-BWD_SPLIT = True  # bf16 hi/lo splits in the backward products too (gradients ~1.2x more accurate)
+CHUNK = 64  # tokens per chunk (the kernels' C)
 MAX_DIM = 256  # largest feature / value dim handled (F <= 128 expected; Dv up to 128 + a normalizer column)
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_meta(segments: tuple[tuple[int, int], ...], heads: int, device: torch.device) -> dict:
-    """Chunk and super-chunk tables (int32 on ``device``) for the packed token axis."""
+def _chunk_meta(segments: tuple[tuple[int, int], ...], heads: int, device: torch.device, super_target: int) -> dict:
+    """Chunk and super-chunk tables (int32 on ``device``) for the packed token axis; super-chunks sized so
+    that there are at least ``super_target`` (super-chunk, head) programs where the sequence allows."""
     chunks = [(s, min(s + CHUNK, e), seq) for seq, (a, e) in enumerate(segments) for s in range(a, e, CHUNK)]
     # L chunks per super-chunk: enough super-chunks (x heads) to fill the GPU in the sequential state pass;
     # the scan over super-chunks is cheap (U at a time).
     L = 1
-    while L < 64 and len(chunks) * heads >= 2 * L * SUPER_TARGET:
+    while L < 64 and len(chunks) * heads >= 2 * L * super_target:
         L *= 2
     sup_first, sup_count, first_of_seq, last_of_seq, chunk_super = [], [], [], [], []
     i = 0
@@ -109,8 +110,8 @@ def _ext_args(x: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
     return (dummy, 0, 0) if x is None else (x, x.stride(0), x.stride(1))
 
 
-def _states(x: torch.Tensor, y: torch.Tensor, meta: dict, heads: int, rows_per_token: int, reverse: bool,
-            lowp: bool, ye: torch.Tensor | None = None, yext: int = 0
+def _states(x: torch.Tensor, y: torch.Tensor, meta: dict, cfg: LinearConfig, heads: int, rows_per_token: int,
+            reverse: bool, lowp: bool, ye: torch.Tensor | None = None, yext: int = 0
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-chunk states of ``sum x^T y`` over (token, head) rows: ``(S [nC, H, DX, DY], Se [nC, H, DX] or None)``
     float32, Se the extra column ``sum x y_e`` (``yext`` 1: ``ye [T, H * GR]``; 2: ones, ``sum x``).
@@ -128,21 +129,21 @@ def _states(x: torch.Tensor, y: torch.Tensor, meta: dict, heads: int, rows_per_t
     BY = max(16, next_pow2(DY)) if DY <= 128 and BX * next_pow2(DY) <= 128 * 128 else 64
     interp = interpreting()
     ye_p, sye_t, sye_h = _ext_args(ye, x)
-    _record("states_local", states_local_kernel[(nS, heads, cdiv(DY, BY))](
+    states_local_kernel[(nS, heads, cdiv(DY, BY))](
         x, y, ye_p, loc, tot, meta["chunk_start"], meta["chunk_end"], meta["super_first"], meta["super_count"],
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), sye_t, sye_h, heads, DX, DY, SZ, rows_per_token,
         BR=64, BX=BX, BY=BY, STORE_LOC=store_loc, REVERSE=reverse, YEXT=yext, LOWP=lowp, INTERP=interp,
         num_warps=8 if BX * BY >= 128 * 128 else 4,
-    ))
+    )
     P = torch.empty_like(tot)
-    _record("states_scan", states_scan_kernel[(heads, cdiv(SZ, SCAN_BLOCK))](
+    states_scan_kernel[(heads, cdiv(SZ, cfg.scan_block))](
         tot, P, meta["last_of_seq"] if reverse else meta["first_of_seq"], nS, heads, SZ,
-        U=SCAN_U, BLOCK=SCAN_BLOCK, REVERSE=reverse, num_warps=4,
-    ))
+        U=cfg.scan_chunks, BLOCK=cfg.scan_block, REVERSE=reverse, num_warps=4,
+    )
     if store_loc:
-        _record("states_fixup", states_fixup_kernel[(nC, heads, cdiv(SZ, 1024))](
+        states_fixup_kernel[(nC, heads, cdiv(SZ, 1024))](
             loc, P, meta["chunk_super"], heads, SZ, BLOCK=1024, num_warps=4,
-        ))
+        )
     else:  # one chunk per super-chunk: the scanned totals are the chunk states
         loc = P
     # Explicit strides (a size-1 head dim keeps them too): the kernels index both parts with S's (c, h) strides.
@@ -151,18 +152,8 @@ def _states(x: torch.Tensor, y: torch.Tensor, meta: dict, heads: int, rows_per_t
     return S, Se
 
 
-
-COMPILED: dict = {}  # kernel name -> last compiled kernel (for register / spill reports), when RECORD is set
-RECORD = False
-
-
-def _record(name: str, compiled) -> None:
-    if RECORD and compiled is not None:
-        COMPILED[name] = compiled
-
-
 def _chunk_out(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, out: torch.Tensor, meta: dict,
-               G: int, *, transpose_state: bool, split: bool, lowp: bool, name: str,
+               cfg: LinearConfig, G: int, *, transpose_state: bool, split: bool, lowp: bool,
                se: torch.Tensor | None = None, xe: torch.Tensor | None = None, xext: int = 0,
                ke: torch.Tensor | None = None, ve: torch.Tensor | None = None, yext: int = 0,
                oe: torch.Tensor | None = None, res: int = 0, sel: torch.Tensor | None = None,
@@ -175,7 +166,7 @@ def _chunk_out(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tenso
     H = k.shape[1]
     DX, DY = x.shape[-1], v.shape[-1]
     BX, NX = _contraction_tiles(DX)
-    NRT = cdiv(CHUNK * G, ROWS)
+    NRT = cdiv(CHUNK * G, cfg.out_rows)
     if transpose_state:
         S = S.transpose(2, 3)
     slices = _column_slices(DY)
@@ -192,20 +183,21 @@ def _chunk_out(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tenso
     keep_p, skeep_t = (d, 0) if keep is None else (keep, keep.stride(0))
     for c0, width, BY in slices:
         vs, Ss, outs = v[..., c0:c0 + width], S[..., c0:c0 + width], out[..., c0:c0 + width]
-        _record(name, chunk_out_kernel[(meta["n_chunks"] * NRT, H)](
+        chunk_out_kernel[(meta["n_chunks"] * NRT, H)](
             x, k, vs, Ss, outs, qe_a[0], ke_a[0], ve_a[0], se_p, oe_a[0], sel_p, d if sele is None else sele,
             keep_p, meta["chunk_start"], meta["chunk_end"],
             x.stride(0), x.stride(1), k.stride(0), k.stride(1), vs.stride(0), vs.stride(1), outs.stride(0),
             outs.stride(1), *Ss.stride(), *qe_a[1:], *ke_a[1:], *ve_a[1:], *oe_a[1:], ssel_t, ssel_h, skeep_t,
             G, DX, width, NRT, float(eps),
-            C=CHUNK, BM=ROWS, BX=BX, NX=NX, BY=BY, XEXT=xext, YEXT=yext, RES=res,
-            SPLIT=split, LOWP=lowp, INTERP=interpreting(), num_warps=OUT_WARPS, num_stages=OUT_STAGES,
-        ))
+            C=CHUNK, BM=cfg.out_rows, BX=BX, NX=NX, BY=BY, XEXT=xext, YEXT=yext, RES=res,
+            SPLIT=split, LOWP=lowp, INTERP=interpreting(), num_warps=cfg.out_warps, num_stages=cfg.out_stages,
+        )
 
 
 def _chunk_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, R: torch.Tensor, meta: dict,
-                G: int, lowp: bool, *, re: torch.Tensor | None = None, vext: int = 0, ve: torch.Tensor | None = None,
-                doe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                cfg: LinearConfig, G: int, lowp: bool, *, re: torch.Tensor | None = None, vext: int = 0,
+                ve: torch.Tensor | None = None, doe: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Key and value gradients ``(dk [T, H, F], dv [T, H, Dv], dve [T, H] float32 or None)`` from the reverse
     states R [nC, H, F, Dv]; with ``vext`` one extra value column (``ve`` or ones, upstream ``doe`` [T, H*G],
     reverse-state part ``re`` [nC, H, F]); ``dve`` only for a loaded ``ve``."""
@@ -218,22 +210,21 @@ def _chunk_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Ten
     # Each value slice contributes a part of dk; with one slice it is written directly in the input dtype.
     dk_parts = [torch.empty_like(k) if len(slices) == 1 else torch.empty(k.shape, device=k.device,
                                                                          dtype=torch.float32) for _ in slices]
-    rows, stages = (DKDV_ROWS, DKDV_STAGES) if lowp else (DKDV_ROWS // 2, 1)  # fp32 tiles: half the rows
     d = q
     ve_a, de_a, dve_a = (_ext_args(t, d) for t in (ve, doe, dve))
     if re is not None:
         assert re.stride(0) == R.stride(0) and re.stride(1) == R.stride(1) and re.stride(2) == 1
     for (c0, width, BV), dk in zip(slices, dk_parts):
         vs, ds, Rs, dvs = v[..., c0:c0 + width], do[..., c0:c0 + width], R[..., c0:c0 + width], dv[..., c0:c0 + width]
-        _record("dkdv", chunk_dkdv_kernel[(meta["n_chunks"], H)](
+        chunk_dkdv_kernel[(meta["n_chunks"], H)](
             q, k, vs, ds, Rs, dk, dvs, ve_a[0], de_a[0], d if re is None else re, dve_a[0],
             meta["chunk_start"], meta["chunk_end"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), vs.stride(0), vs.stride(1),
             ds.stride(0), ds.stride(1), dk.stride(0), dk.stride(1), dvs.stride(0), dvs.stride(1),
             Rs.stride(0), Rs.stride(1), Rs.stride(2), *ve_a[1:], *de_a[1:], *dve_a[1:], G, F, width,
-            C=CHUNK, BM=rows, BF=max(16, next_pow2(F)), BV=BV, VEXT=vext, SPLIT=BWD_SPLIT, LOWP=lowp,
-            INTERP=interpreting(), num_warps=8, num_stages=stages,
-        ))
+            C=CHUNK, BM=cfg.dkdv_rows, BF=max(16, next_pow2(F)), BV=BV, VEXT=vext, SPLIT=cfg.bwd_split, LOWP=lowp,
+            INTERP=interpreting(), num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+        )
     dk = dk_parts[0] if len(slices) == 1 else torch.stack(dk_parts).sum(0).to(k.dtype)
     return dk, dv, dve
 
@@ -244,7 +235,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(B * N, H, D)
 
 
-def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: dict, G: int, out: torch.Tensor, *,
+def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: dict, cfg: LinearConfig, G: int,
+                   out: torch.Tensor, *,
                    ve: torch.Tensor | None = None, ones: bool = False, oe: torch.Tensor | None = None,
                    res: int = 0, sel: torch.Tensor | None = None, sele: torch.Tensor | None = None,
                    keep: torch.Tensor | None = None, eps: float = 0.0) -> None:
@@ -252,14 +244,14 @@ def linear_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: dict
     column ``ve`` [T, H], or all ones with ``ones``); ``res``: the residual epilogue (``chunk_out_kernel``)."""
     lowp = q.dtype == torch.bfloat16
     yext = 2 if ones else (1 if ve is not None else 0)
-    S, Se = _states(k, v, meta, k.shape[1], 1, False, lowp, ye=ve, yext=yext)
-    _chunk_out(q, k, v, S, out, meta, G, transpose_state=False, split=True, lowp=lowp, name="out_fwd",
-               se=Se, ve=ve, yext=yext, oe=oe, res=res, sel=sel, sele=sele, keep=keep, eps=eps)
+    S, Se = _states(k, v, meta, cfg, k.shape[1], 1, False, lowp, ye=ve, yext=yext)
+    _chunk_out(q, k, v, S, out, meta, cfg, G, transpose_state=False, split=True, lowp=lowp, se=Se, ve=ve,
+               yext=yext, oe=oe, res=res, sel=sel, sele=sele, keep=keep, eps=eps)
 
 
-def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, meta: dict, G: int,
-                    needs: tuple[bool, bool], *, ve: torch.Tensor | None = None, ones: bool = False,
-                    doe: torch.Tensor | None = None) -> tuple:
+def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, meta: dict,
+                    cfg: LinearConfig, G: int, needs: tuple[bool, bool], *, ve: torch.Tensor | None = None,
+                    ones: bool = False, doe: torch.Tensor | None = None) -> tuple:
     """Gradients ``(dq, dk, dv, dve)`` on packed tensors from ``do`` [T, H*G, Dv] (+ ``doe`` [T, H*G] float32
     for the extra value column ``ve`` or ones); ``needs`` = (dq, dk or dv). Missing ones are None."""
     lowp = q.dtype == torch.bfloat16
@@ -269,66 +261,71 @@ def linear_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch
     dq = dk = dv = dve = None
     if needs[0]:
         # dq_i = S_i do_i = do_i S^T + sum_{j <= i in chunk} (do_i . v_j) k_j: the forward with (do, v, k).
-        S, Se = _states(k, v, meta, k.shape[1], 1, False, lowp, ye=ve, yext=ext)
+        S, Se = _states(k, v, meta, cfg, k.shape[1], 1, False, lowp, ye=ve, yext=ext)
         dq = torch.empty_like(q)
-        _chunk_out(do, v, k, S, dq, meta, G, transpose_state=True, split=BWD_SPLIT, lowp=lowp, name="out_dq",
-                   se=Se, xe=doe, xext=ext, ke=ve)
+        _chunk_out(do, v, k, S, dq, meta, cfg, G, transpose_state=True, split=cfg.bwd_split, lowp=lowp, se=Se,
+                   xe=doe, xext=ext, ke=ve)
     if needs[1]:
         # R_c = sum over later chunks of sum_g q^T do (+ its extra column sum_g q do_e)
-        R, Re = _states(q, do, meta, k.shape[1], G, True, lowp, ye=doe, yext=1 if ext else 0)
-        dk, dv, dve = _chunk_dkdv(q, k, v, do, R, meta, G, lowp, re=Re, vext=ext, ve=ve, doe=doe)
+        R, Re = _states(q, do, meta, cfg, k.shape[1], G, True, lowp, ye=doe, yext=1 if ext else 0)
+        dk, dv, dve = _chunk_dkdv(q, k, v, do, R, meta, cfg, G, lowp, re=Re, vext=ext, ve=ve, doe=doe)
     return dq, dk, dv, dve
 
 
 class _CausalLinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, phi_q, phi_k, v, cu_seqlens):
+    def forward(ctx, phi_q, phi_k, v, cu_seqlens, config):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G = Hq // Hkv
+        cfg = config
         q, k, vv = _flat(phi_q), _flat(phi_k), _flat(v)
-        meta = _chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device)
+        meta = _chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device, cfg.super_target)
         out = torch.empty(B * N, Hq, Dv, device=q.device, dtype=torch.float32)
         m = _extra_split(Dv)
-        if m:  # main tile (copied once: aligned loads) + one float32 extra column, written in place
-            vm, ve = vv[..., :m].contiguous(), vv[..., m]
-            linear_forward(q, k, vm, meta, G, out[..., :m], ve=ve, oe=out[..., m])
-        else:
-            linear_forward(q, k, vv, meta, G, out)
+        with record_function("spla_kernels.linear: fwd"):
+            if m:  # main tile (copied once: aligned loads) + one float32 extra column, written in place
+                vm, ve = vv[..., :m].contiguous(), vv[..., m]
+                linear_forward(q, k, vm, meta, cfg, G, out[..., :m], ve=ve, oe=out[..., m])
+            else:
+                linear_forward(q, k, vv, meta, cfg, G, out)
         ctx.save_for_backward(q, k, vv)
-        ctx.meta, ctx.shape = meta, (B, N, Hq, Hkv, F, Dv)
+        ctx.meta, ctx.cfg, ctx.shape = meta, cfg, (B, N, Hq, Hkv, F, Dv)
         return out.view(B, N, Hq, Dv)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v = ctx.saved_tensors
-        meta = ctx.meta
+        meta, cfg = ctx.meta, ctx.cfg
         B, N, Hq, Hkv, F, Dv = ctx.shape
         G = Hq // Hkv
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         do = _flat(do)
         m = _extra_split(Dv)
-        if m:
-            # The kernels round do's main columns to the operand dtype anyway: do it once, into an aligned copy.
-            dom = do[..., :m].to(q.dtype if q.dtype == torch.bfloat16 else torch.float32).contiguous()
-            dq, dk, dvm, dve = linear_backward(q, k, v[..., :m].contiguous(), dom, meta, G, needs,
-                                               ve=v[..., m], doe=do[..., m].float())
-            dv = None if dvm is None else torch.cat([dvm, dve.to(dvm.dtype)[..., None]], -1)
-        else:
-            dq, dk, dv, _ = linear_backward(q, k, v, do, meta, G, needs)
+        with record_function("spla_kernels.linear: bwd"):
+            if m:
+                # The kernels round do's main columns to the operand dtype anyway: do it once, into an aligned copy.
+                dom = do[..., :m].to(q.dtype if q.dtype == torch.bfloat16 else torch.float32).contiguous()
+                dq, dk, dvm, dve = linear_backward(q, k, v[..., :m].contiguous(), dom, meta, cfg, G, needs,
+                                                   ve=v[..., m], doe=do[..., m].float())
+                dv = None if dvm is None else torch.cat([dvm, dve.to(dvm.dtype)[..., None]], -1)
+            else:
+                dq, dk, dv, _ = linear_backward(q, k, v, do, meta, cfg, G, needs)
         dq = None if dq is None else dq.view(B, N, Hq, F)
         dk = None if dk is None else dk.view(B, N, Hkv, F)
         dv = None if dv is None else dv.view(B, N, Hkv, Dv)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *,
-                            cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                            cu_seqlens: torch.Tensor | None = None,
+                            config: LinearConfig | None = None) -> torch.Tensor:
     """``o_i = phi_q_i^T sum_{j <= i} phi_k_j v_j^T`` per KV head, differentiable in all three inputs.
 
     Args: phi_q [B, N, Hq, F]; phi_k [B, N, Hkv, F]; v [B, N, Hkv, Dv] (F <= 128, Dv <= 256; D + 1 with a
     normalizer column runs as a D-wide tile plus a float32 extra column); same dtype (bfloat16, float16 or
-    float32); cu_seqlens int [S + 1] packs sequences (B == 1), the state restarting at each.
+    float32); cu_seqlens int [S + 1] packs sequences (B == 1), the state restarting at each; config: tiles
+    (None: the per-device table, ``spla_kernels.config``, which declines on some GPU classes).
     Returns: float32 [B, N, Hq, Dv]. float64 inputs go to the PyTorch reference.
     """
     if phi_q.dtype == torch.float64:
@@ -347,4 +344,5 @@ def causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.T
         raise ValueError(f"dtypes must match and be bf16/fp16/fp32, got {phi_q.dtype}, {phi_k.dtype}, {v.dtype}")
     if F > 128 or Dv > MAX_DIM:
         raise NotImplementedError(f"feature dim {F} > 128 or value dim {Dv} > {MAX_DIM}")
-    return _CausalLinearAttention.apply(phi_q, phi_k, v, cu_seqlens)
+    config = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
+    return _CausalLinearAttention.apply(phi_q, phi_k, v, cu_seqlens, config)

@@ -14,7 +14,9 @@
   normalizer column's gradient as its float32 extra column.
 
 Modes: ``sub`` (``keep (glob - sel)``, no normalizer), ``norm`` (``keep num / (max(keep den, 0) + eps)``),
-``pair`` (``keep [num, den]``, for the joint combine). All subtraction is float32.
+``pair`` (``keep [num, den]``, for the joint combine). All subtraction is float32. Tiles: a ``LinearConfig``
+(argument, or the per-device table); stages run in ``torch.profiler.record_function`` ranges
+``spla_kernels.residual: ...``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.profiler import record_function
 
-from spla_lit.ops.utils import sequence_segments
+from spla_lit.ops.utils import cdiv, next_pow2, sequence_segments
 
 from . import linear as L
-from .sparse import _Stage
+from .config import LinearConfig, arch_of, linear_config
 
 _MODES = {"sub": 1, "norm": 2, "pair": 3}
-BWD_ROWS = 32  # (token, head) rows per program of the backward epilogue
 
 
 @triton.jit
@@ -66,12 +68,13 @@ def residual_bwd_kernel(DR, R, DEN, KEEP, DSEL, GM, GE, n_rows, HQ, G, HKV, DV, 
 
 class _SubtractResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, phi_q, phi_k, v, sel, keep, cu_seqlens, mode, eps):
+    def forward(ctx, phi_q, phi_k, v, sel, keep, cu_seqlens, mode, eps, config):
         B, N, Hq, F = phi_q.shape
         Hkv, Dv = phi_k.shape[2], v.shape[3]
         G, T = Hq // Hkv, B * N
+        cfg = config
         q, k, vv, self_ = L._flat(phi_q), L._flat(phi_k), L._flat(v), L._flat(sel)
-        meta = L._chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device)
+        meta = L._chunk_meta(sequence_segments(cu_seqlens, batch=B, n=N), Hkv, q.device, cfg.super_target)
         ext = mode != "sub"
         dev = q.device
         out = torch.empty(T, Hq, Dv + (mode == "pair"), device=dev, dtype=torch.float32)
@@ -82,11 +85,11 @@ class _SubtractResidual(torch.autograd.Function):
             oe = den = torch.empty(T, Hq, device=dev, dtype=torch.float32)
         else:
             oe = None
-        with _Stage("rla fwd (linear + residual)"):
-            L.linear_forward(q, k, vv, meta, G, out[..., :Dv], ones=ext, oe=oe, res=2 if mode == "norm" else 1,
+        with record_function("spla_kernels.residual: fwd (linear + epilogue)"):
+            L.linear_forward(q, k, vv, meta, cfg, G, out[..., :Dv], ones=ext, oe=oe, res=2 if mode == "norm" else 1,
                              sel=self_[..., :Dv], sele=self_[..., Dv] if ext else None, keep=keep, eps=eps)
         ctx.save_for_backward(q, k, vv, keep, *((out, den) if mode == "norm" else ()))
-        ctx.meta, ctx.shape, ctx.mode, ctx.eps = meta, (B, N, Hq, Hkv, F, Dv, sel.shape[-1]), mode, eps
+        ctx.meta, ctx.cfg, ctx.shape, ctx.mode, ctx.eps = meta, cfg, (B, N, Hq, Hkv, F, Dv, sel.shape[-1]), mode, eps
         return out.view(B, N, Hq, -1)
 
     @staticmethod
@@ -97,29 +100,31 @@ class _SubtractResidual(torch.autograd.Function):
         mode = ctx.mode
         ext = mode != "sub"
         dev = q.device
-        with _Stage("rla bwd residual"):
+        cfg = ctx.cfg
+        with record_function("spla_kernels.residual: bwd epilogue"):
             dr = L._flat(dr.float())
             r, den = saved if mode == "norm" else (dr, dr)
             dsel = torch.empty(T, Hq, DVS, device=dev, dtype=torch.float32)
             gm = torch.empty(T, Hq, Dv, device=dev, dtype=q.dtype if q.dtype == torch.bfloat16 else torch.float32)
             ge = torch.empty(T, Hq, device=dev, dtype=torch.float32) if ext else None
-            residual_bwd_kernel[(triton.cdiv(T * Hq, BWD_ROWS),)](
+            residual_bwd_kernel[(cdiv(T * Hq, cfg.epilogue_rows),)](
                 dr, r, den, keep, dsel, gm, dsel if ge is None else ge, T * Hq, Hq, G, Hkv, Dv, dr.stride(1),
-                dsel.stride(1), float(ctx.eps), MODE=_MODES[mode], BR=BWD_ROWS, BD=max(16, triton.next_power_of_2(Dv)),
+                dsel.stride(1), float(ctx.eps), MODE=_MODES[mode], BR=cfg.epilogue_rows, BD=max(16, next_pow2(Dv)),
                 num_warps=4,
             )
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        with _Stage("rla bwd linear"):
-            dq, dk, dv, _ = L.linear_backward(q, k, v, gm, ctx.meta, G, needs, ones=ext, doe=ge)
+        with record_function("spla_kernels.residual: bwd linear"):
+            dq, dk, dv, _ = L.linear_backward(q, k, v, gm, ctx.meta, cfg, G, needs, ones=ext, doe=ge)
         dq = None if dq is None else dq.view(B, N, Hq, F)
         dk = None if dk is None else dk.view(B, N, Hkv, F)
         dv = None if dv is None else dv.view(B, N, Hkv, Dv)
-        return dq, dk, dv, dsel.view(B, N, Hq, DVS), None, None, None, None
+        return dq, dk, dv, dsel.view(B, N, Hq, DVS), None, None, None, None, None
 
 
 def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
                       nonempty: torch.Tensor, *, normalize: bool, return_normalizer: bool = False,
-                      eps: float = 1e-6, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                      eps: float = 1e-6, cu_seqlens: torch.Tensor | None = None,
+                      config: LinearConfig | None = None) -> torch.Tensor:
     """The residual linear attention by subtraction, differentiable in phi_q, phi_k, v and sel.
 
     Args:
@@ -129,9 +134,11 @@ def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
             normalizer column (``sparse_attention_with_selected_linear``).
         nonempty: bool [B, Hkv, N], token i has a causal key outside its selection (``has_unselected_keys``).
         normalize, return_normalizer, eps, cu_seqlens: as for ``spla_lit.ops.residual_linear_attention``.
+        config: tiles (None: the per-device table, ``spla_kernels.config``).
 
     Returns: float32 [B, N, Hq, Dv] ([.., Dv + 1] = [num, den] with return_normalizer).
-    Raises NotImplementedError for shapes or dtypes these kernels do not cover (the caller falls back).
+    Raises NotImplementedError for shapes or dtypes these kernels do not cover, or a GPU without table tiles
+    (the caller falls back).
     """
     if phi_q.dim() != 4 or phi_k.dim() != 4 or v.dim() != 4:
         raise ValueError("phi_q, phi_k and v must be [B, N, H, D]")
@@ -148,51 +155,6 @@ def subtract_residual(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"sel {tuple(sel.shape)} / nonempty {tuple(nonempty.shape)} do not match "
                          f"[{B}, {N}, {Hq}, {dvs}] / [{B}, {Hkv}, {N}]")
     keep = nonempty.transpose(1, 2).to(torch.uint8).contiguous().view(B * N, Hkv)
-    return _SubtractResidual.apply(phi_q, phi_k, v, sel.float(), keep, cu_seqlens, mode, float(eps))
+    config = config or linear_config(arch_of(phi_q.device), dtype=phi_q.dtype)
+    return _SubtractResidual.apply(phi_q, phi_k, v, sel.float(), keep, cu_seqlens, mode, float(eps), config)
 
-
-def _gpu_check(n: int = 4096, block_size: int = 64, topk: int = 16) -> bool:
-    """The whole SPLA op on the kernel path against the PyTorch reference on one selection (CUDA; bf16, the
-    benchmark's shapes): residual, output and input gradients, ||a - b|| / ||b|| and finiteness.
-
-    The residual's bound is set by the fused sparse kernel's selected part, not by this module: it multiplies
-    v by the linear scores rounded once to bf16 (its normalizer sums them in float32), which alone puts the
-    residual at ~1.5e-3 (unnormalized) / ~4e-3 (normalized) of the float32 reference at N = 4096, where about
-    half of the causal keys are selected (H100, 2026-11-23: 1.44e-3 / 4.24e-3; the same ``sel`` entered the
-    previous PyTorch composition). At long N the selected share, and with it this error, shrinks."""
-    from spla_kernels.bench import make_inputs
-    from spla_lit import ops
-
-    q, k, v = make_inputs(n, seed=3)
-    selection = ops.Selection(block_size=block_size, topk=topk)
-    idx = ops.score_and_select(q, k, selection)
-    gate = torch.rand(1, n, q.shape[2], device=q.device)
-    ok = True
-    for combine, normalize in (("add", True), ("add", False), ("joint", True)):
-        outs = []
-        for impl in ("reference", "triton"):
-            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-            o, aux = ops.spla_attention(*leaves, selection, block_idx=idx, combine=combine, normalize=normalize,
-                                        gate=gate if combine == "add" else None, impl=impl, return_aux=True)
-            dout = torch.randn(o.shape, generator=torch.Generator(device=o.device).manual_seed(0), device=o.device)
-            grads = torch.autograd.grad((o.float() * dout).sum() + aux.residual.sum(), leaves)
-            outs.append((aux.residual.detach(), o.detach(), grads))
-        (r0, o0, g0), (r1, o1, g1) = outs
-
-        def rel(a, b):
-            return float((a.double() - b.double()).norm() / b.double().norm())
-
-        errs = [rel(r1, r0), rel(o1, o0)] + [rel(a, b) for a, b in zip(g1, g0)]
-        fin = all(torch.isfinite(x).all().item() for x in (r1, o1, *g1))
-        good = fin and errs[0] < 1e-2 and errs[1] < 1e-2 and max(errs[2:]) < 3e-2
-        ok &= good
-        print(f"residual check N={n} combine={combine} normalize={normalize}: residual {errs[0]:.2e} out "
-              f"{errs[1]:.2e} dq/dk/dv {errs[2]:.2e} {errs[3]:.2e} {errs[4]:.2e} finite={fin} "
-              f"{'PASS' if good else 'FAIL'}", flush=True)
-    return ok
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(0 if _gpu_check() else 1)

@@ -9,6 +9,11 @@ Kernels (``sparse_fwd.py``, ``sparse_bwd.py``) read the bookkeeping of ``sparse_
 and dQ passes group ``bq`` neighbouring tokens of a KV head (``bq * G`` tensor-core rows) over the union
 of their selections, masked per token; dK/dV walk the transposed selection (tokens per unit) and add
 into float32 buffers. All accumulation is float32.
+
+Tiles come from the ``config`` argument or the per-device table (``config.py``; where the table has no
+tiles for the GPU, the entry points raise NotImplementedError before launching). Each stage runs inside a
+``torch.profiler.record_function`` range named ``spla_kernels.sparse: <stage>`` (free when no profiler
+runs; the benchmark reads its per-stage breakdown from them).
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
+from torch.profiler import record_function
+
+from spla_lit.ops.utils import next_pow2
 
 from ._utils import interpreting
+from .config import SparseConfig, arch_of, sparse_config
 from .sparse_bwd import sparse_bwd_dkv_kernel, sparse_bwd_dq_kernel
 from .sparse_fwd import sparse_fwd_kernel
 from .sparse_index import Groups, Units, query_groups, token_units, transposed_items
 
 __all__ = [
-    "CONFIGS",
     "SparseConfig",
     "block_sparse_attention",
     "selected_linear_attention",
@@ -35,66 +42,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_DIM = 256
 
 
-@dataclass
-class SparseConfig:
-    """Tile and launch choices (module-level ``CONFIGS``; the benchmark sweeps them).
-
-    ``*_rows``: target tensor-core rows per program (tokens per group = rows // G, at least 1);
-    ``window``: query tokens per dK/dV work window (None: the whole sequence).
-    Defaults: the fastest of the H100 sweep at N = 64K (kernels/NOTES.md).
-    """
-
-    fwd_rows: int = 16
-    dq_rows: int = 16
-    dkv_rows: int = 16
-    window: int | None = 2048
-    fwd_warps: int = 4
-    fwd_stages: int = 2
-    dq_warps: int = 4
-    dq_stages: int = 2
-    dkv_warps: int = 4
-    dkv_stages: int = 2
-
-
-# One configuration for the softmax-only kernels, one for those with the selected-linear term.
-CONFIGS = {"sparse": SparseConfig(), "fused": SparseConfig()}
-
-# A list to have the ops append (name, start event, end event) for each stage (the benchmark's breakdown).
-TIMINGS: list | None = None
-
-
-class _Stage:
-    """Context manager recording CUDA events around a stage when ``TIMINGS`` is a list."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        if TIMINGS is not None:
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        return self
-
-    def __exit__(self, *exc):
-        if TIMINGS is not None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            TIMINGS.append((self.name, self.start, end))
-        return False
-
-
-# Tests set this to fill every kernel-written output with NaN first, so an unwritten element shows.
-POISON_OUTPUTS = False
-
-
-def _out(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+    return max(16, next_pow2(x))
 
 
 def _tokens_per_group(rows: int, G: int) -> int:
@@ -132,7 +81,8 @@ class _FusedSparse(torch.autograd.Function):
     """(q, k, v, phi_q, phi_k) -> (o, lse, sel); parts switched off by ``sparse`` / ``selected``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pq, pk, block_idx, cu_seqlens, block_size, query_block, scale, sparse, selected, norm):
+    def forward(ctx, q, k, v, pq, pk, block_idx, cu_seqlens, block_size, query_block, scale, sparse, selected, norm,
+                config):
         ctx.set_materialize_grads(False)
         B, N, Hkv, DV = v.shape
         ref = q if sparse else pq
@@ -141,21 +91,22 @@ class _FusedSparse(torch.autograd.Function):
         D = q.shape[-1] if sparse else 16
         F = pq.shape[-1] if selected else 16
         DVS = DV + 1 if norm else DV
-        cfg = CONFIGS["fused" if selected else "sparse"]
-        with _Stage("fwd index"):
+        cfg = config or sparse_config(arch_of(v.device), fused=selected, dtype=v.dtype,
+                                      dim=max(D if sparse else 0, F if selected else 0, DV), block_size=block_size)
+        with record_function("spla_kernels.sparse: fwd index"):
             tok_units, units = token_units(block_idx, N, block_size, query_block, cu_seqlens)
             plan = _Plan(B, N, Hkv, G, block_size, tok_units, units, {})
             bq = _tokens_per_group(cfg.fwd_rows, G)
             grp = plan.group(bq)
         dev = v.device
-        o = _out(B, N, Hq, DV, dtype=ref.dtype, device=dev) if sparse else v.new_empty(0)
-        lse = _out(B, Hq, N, dtype=torch.float32, device=dev) if sparse else v.new_empty(0, dtype=torch.float32)
-        sel = _out(B, N, Hq, DVS, dtype=torch.float32, device=dev) if selected else v.new_empty(0)
+        o = torch.empty(B, N, Hq, DV, dtype=ref.dtype, device=dev) if sparse else v.new_empty(0)
+        lse = torch.empty(B, Hq, N, dtype=torch.float32, device=dev) if sparse else v.new_empty(0, dtype=torch.float32)
+        sel = torch.empty(B, N, Hq, DVS, dtype=torch.float32, device=dev) if selected else v.new_empty(0)
         upcast = interpreting() and v.dtype != torch.float32
         ng = grp.count.shape[1]
         qq, kk = (q, k) if sparse else (v, v)  # placeholders for the parts switched off
         pqq, pkk = (pq, pk) if selected else (v, v)
-        with _Stage("fwd kernel"):
+        with record_function("spla_kernels.sparse: fwd kernel"):
             sparse_fwd_kernel[(ng, B * Hkv)](
                 qq, kk, v, pqq, pkk, o, lse, sel,
                 grp.start, grp.bits, grp.count,
@@ -166,7 +117,7 @@ class _FusedSparse(torch.autograd.Function):
                 **_common(D, F, DV, DVS, block_size, upcast),
             )
         ctx.save_for_backward(q, k, v, pq, pk, o, lse)
-        ctx.plan = plan
+        ctx.plan, ctx.cfg = plan, cfg
         ctx.meta = (scale, sparse, selected, norm, D, F, DV, DVS)
         if not sparse:
             ctx.mark_non_differentiable(o, lse)
@@ -182,8 +133,8 @@ class _FusedSparse(torch.autograd.Function):
         sp = sparse and (do is not None or dlse is not None)
         sl = selected and dsel is not None
         if not (sp or sl):
-            return (None,) * 13
-        cfg = CONFIGS["fused" if selected else "sparse"]
+            return (None,) * 14
+        cfg = ctx.cfg
         B, N, Hkv, G = plan.B, plan.N, plan.Hkv, plan.G
         Hq = Hkv * G
         dev = v.device
@@ -192,17 +143,17 @@ class _FusedSparse(torch.autograd.Function):
         ph = v  # placeholder pointer for the parts switched off
         if sp:
             do = torch.zeros_like(o) if do is None else do.contiguous()
-            dq = _out(*q.shape, dtype=q.dtype, device=dev)
+            dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
             dk = torch.zeros(k.shape, dtype=torch.float32, device=dev)
-            delta = _out(B, Hq, N, dtype=torch.float32, device=dev)
+            delta = torch.empty(B, Hq, N, dtype=torch.float32, device=dev)
         else:
             do = dq = dk = delta = ph
         if sl:
             dsel = dsel.contiguous().float()
-            dpq = _out(*pq.shape, dtype=pq.dtype, device=dev)
+            dpq = torch.empty(pq.shape, dtype=pq.dtype, device=dev)
             dpk = torch.zeros(pk.shape, dtype=torch.float32, device=dev)
-            dsel16 = _out(B, N, Hq, DV, dtype=pq.dtype, device=dev)
-            dnorm = _out(B, Hq, N, dtype=torch.float32, device=dev) if norm else ph
+            dsel16 = torch.empty(B, N, Hq, DV, dtype=pq.dtype, device=dev)
+            dnorm = torch.empty(B, Hq, N, dtype=torch.float32, device=dev) if norm else ph
         else:
             dsel = dpq = dpk = dsel16 = dnorm = ph
         dv = torch.zeros(v.shape, dtype=torch.float32, device=dev)
@@ -212,11 +163,11 @@ class _FusedSparse(torch.autograd.Function):
         dlse_t = dlse.contiguous() if has_dlse else ph
         qk_scale = float(scale) * _LOG2E
 
-        with _Stage("bwd index (groups)"):
+        with record_function("spla_kernels.sparse: bwd index (groups)"):
             bq = _tokens_per_group(cfg.dq_rows, G)
             grp = plan.group(bq)
         ng = grp.count.shape[1]
-        with _Stage("bwd dq kernel"):
+        with record_function("spla_kernels.sparse: bwd dq kernel"):
             sparse_bwd_dq_kernel[(ng, B * Hkv)](
                 qq, kk, v, pqq, pkk, o if sp else ph, do, lse if sp else ph, dlse_t, dsel, delta, dsel16, dnorm,
                 dq, dpq, grp.start, grp.bits, grp.count,
@@ -225,12 +176,12 @@ class _FusedSparse(torch.autograd.Function):
                 SPARSE=sp, SELECTED=sl, NORM=norm and sl, HAS_DLSE=has_dlse,
                 num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
             )
-        with _Stage("bwd index (items)"):
+        with record_function("spla_kernels.sparse: bwd index (items)"):
             items = transposed_items(plan.tok_units, plan.units, plan.block_size, cfg.window)
             n_items = int(items.seg.numel())
         common.pop("DVS")
         bt = _tokens_per_group(cfg.dkv_rows, G)
-        with _Stage("bwd dkv kernel"):
+        with record_function("spla_kernels.sparse: bwd dkv kernel"):
             if n_items:
                 sparse_bwd_dkv_kernel[(n_items,)](
                     qq, kk, v, pqq, pkk, do, lse if sp else ph, delta, dsel16, dnorm, dk, dv, dpk,
@@ -240,8 +191,8 @@ class _FusedSparse(torch.autograd.Function):
                     SPARSE=sp, SELECTED=sl, NORM=norm and sl,
                     num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages, **common,
                 )
-        with _Stage("bwd casts"):
-            grads = [None] * 13
+        with record_function("spla_kernels.sparse: bwd casts"):
+            grads = [None] * 14
             if sp:
                 grads[0], grads[1] = dq, dk.to(k.dtype)
             if sl:
@@ -275,27 +226,29 @@ def _check_idx(block_idx: torch.Tensor, B: int, Hkv: int, N: int, query_block: i
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, *,
                            block_size: int, query_block: int, scale: float,
-                           cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           cu_seqlens: torch.Tensor | None = None,
+                           config: SparseConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the selected blocks: (o [B, N, Hq, Dv] in q.dtype, lse [B, Hq, N] float32).
-    Differentiable in q, k, v and lse."""
+    Differentiable in q, k, v and lse. ``config``: tiles (None: the per-device table, ``spla_kernels.config``)."""
     q, k, v = _check("q", q), _check("k", k), _check("v", v)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share one dtype")
     _check_idx(block_idx, q.shape[0], k.shape[2], q.shape[1], query_block, cu_seqlens)
     o, lse, _ = _FusedSparse.apply(q, k, v, None, None, block_idx, cu_seqlens, block_size, query_block, scale,
-                                   True, False, False)
+                                   True, False, False, config)
     return o, lse
 
 
 def sparse_attention_with_selected_linear(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
     block_idx: torch.Tensor, *, block_size: int, query_block: int, scale: float, with_normalizer: bool,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None, config: SparseConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPLA's fused kernel: from the same K/V tiles, the sparse softmax attention (o, lse) and
     ``sel_i = sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) [v_j, 1]``, float32 [B, N, Hq, Dv (+1)]
     (the extra channel, with ``with_normalizer``, is ``sum phi_q_i . phi_k_j``).
-    phi_q [B, N, Hq, F], phi_k [B, N, Hkv, F] (F <= 256). Differentiable in all five inputs and lse."""
+    phi_q [B, N, Hq, F], phi_k [B, N, Hkv, F] (F <= 256). Differentiable in all five inputs and lse.
+    ``config``: tiles (None: the per-device table, ``spla_kernels.config``)."""
     q, k, v = _check("q", q), _check("k", k), _check("v", v)
     phi_q, phi_k = _check("phi_q", phi_q, q.shape[2]), _check("phi_k", phi_k, k.shape[2])
     if not (q.dtype == k.dtype == v.dtype == phi_q.dtype == phi_k.dtype):
@@ -304,17 +257,18 @@ def sparse_attention_with_selected_linear(
         raise ValueError("phi_q and phi_k must have the same feature dim")
     _check_idx(block_idx, q.shape[0], k.shape[2], q.shape[1], query_block, cu_seqlens)
     return _FusedSparse.apply(q, k, v, phi_q, phi_k, block_idx, cu_seqlens, block_size, query_block, scale,
-                              True, True, bool(with_normalizer))
+                              True, True, bool(with_normalizer), config)
 
 
 def selected_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-                              *, block_size: int, query_block: int,
-                              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) v_j``, float32 [B, N, Hq, Dv]. Differentiable."""
+                              *, block_size: int, query_block: int, cu_seqlens: torch.Tensor | None = None,
+                              config: SparseConfig | None = None) -> torch.Tensor:
+    """``sum_{j in sel(i), j <= i} (phi_q_i . phi_k_j) v_j``, float32 [B, N, Hq, Dv]. Differentiable.
+    ``config``: tiles (None: the per-device table, ``spla_kernels.config``)."""
     phi_q, phi_k, v = _check("phi_q", phi_q), _check("phi_k", phi_k), _check("v", v)
     if not (phi_q.dtype == phi_k.dtype == v.dtype):
         raise ValueError("phi_q, phi_k, v must share one dtype")
     _check_idx(block_idx, phi_q.shape[0], phi_k.shape[2], phi_q.shape[1], query_block, cu_seqlens)
     _, _, sel = _FusedSparse.apply(None, None, v, phi_q, phi_k, block_idx, cu_seqlens, block_size, query_block,
-                                   1.0, False, True, False)
+                                   1.0, False, True, False, config)
     return sel

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparse_fwd import _ld, _rows, _st
+from .sparse_fwd import _group_rows, _group_unit, _ld, _st
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -36,12 +36,7 @@ def sparse_bwd_dq_kernel(
     SPARSE: tl.constexpr, SELECTED: tl.constexpr, NORM: tl.constexpr, HAS_DLSE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    tq, tok, hg, rvalid = _rows(pid_g, N, G, BQ, BM)
-    q_row = (b * N + tok).to(tl.int64) * HQ + h * G + hg
+    pid_g, bh, b, h, tq, tok, hg, rvalid, q_row = _group_rows(N, HQ, HKV, G, BQ, BM)
     l_row = (b * HQ + h * G + hg).to(tl.int64) * N + tok
     kr = tl.arange(0, BSP)
     kin = kr < BS
@@ -70,14 +65,7 @@ def sparse_bwd_dq_kernel(
     gi = bh.to(tl.int64) * NG + pid_g
     n_units = tl.load(g_count + gi)
     for i in range(n_units):
-        kpos = tl.load(g_start + gi * W + i) + kr
-        kvalid = kin & (kpos < N)
-        k_row = (b * N + kpos).to(tl.int64) * HKV + h
-        if BQ == 1:  # noqa: SIM108 - one token per group: every listed unit is its own
-            allowed = rvalid
-        else:
-            allowed = (((tl.load(g_bits + gi * W + i) >> tq) & 1) != 0) & rvalid
-        allowed = allowed[:, None] & (kpos[None, :] <= tok[:, None]) & kvalid[None, :]
+        kvalid, k_row, allowed = _group_unit(g_start, g_bits, gi, W, i, kr, kin, N, b, h, tq, tok, rvalid, HKV, BQ)
         v = _ld(V, k_row, kvalid, DV, BDV, DV, UPCAST)
         if SPARSE:
             k = _ld(K, k_row, kvalid, D, BD, D, UPCAST)

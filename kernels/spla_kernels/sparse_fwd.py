@@ -42,12 +42,38 @@ def _st(P, rows, x, rmask, C: tl.constexpr, BC: tl.constexpr, STRIDE: tl.constex
 
 
 @triton.jit
-def _rows(pid_g, N, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr):
-    """Row r of a query-group tile: (token index in the group, token, head in the group, row valid)."""
+def _group_rows(N, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BQ: tl.constexpr, BM: tl.constexpr):
+    """The program's query group (grid: query groups x batch * KV heads) and its rows: row r is token
+    ``r // G`` of the group, query head ``r % G`` of the KV head. Returns ``(pid_g, bh, b, h, tq, tok, hg,
+    rvalid, q_row)``: group, batch x KV head, batch, KV head, token index in the group, token, head in the
+    group, row valid, and the row's index in the ``[B, N, HQ]`` rows of q / o."""
+    pid_g = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
     r = tl.arange(0, BM)
     tq = r // G
     tok = pid_g * BQ + tq
-    return tq, tok, r % G, (tq < BQ) & (tok < N)
+    hg = r % G
+    rvalid = (tq < BQ) & (tok < N)
+    q_row = (b * N + tok).to(tl.int64) * HQ + h * G + hg
+    return pid_g, bh, b, h, tq, tok, hg, rvalid, q_row
+
+
+@triton.jit
+def _group_unit(g_start, g_bits, gi, W, i, kr, kin, N, b, h, tq, tok, rvalid, HKV: tl.constexpr, BQ: tl.constexpr):
+    """Unit ``i`` of query group ``gi``'s union: ``(kvalid, k_row, allowed)``, the unit's valid keys, their
+    rows in the ``[B, N, HKV]`` rows of k / v, and the (row, key) mask: the row's token selected the unit
+    (its bit) and the key is causal for it."""
+    kpos = tl.load(g_start + gi * W + i) + kr
+    kvalid = kin & (kpos < N)
+    k_row = (b * N + kpos).to(tl.int64) * HKV + h
+    if BQ == 1:  # noqa: SIM108 - one token per group: every listed unit is its own
+        allowed = rvalid
+    else:
+        allowed = (((tl.load(g_bits + gi * W + i) >> tq) & 1) != 0) & rvalid
+    allowed = allowed[:, None] & (kpos[None, :] <= tok[:, None]) & kvalid[None, :]
+    return kvalid, k_row, allowed
 
 
 @triton.jit
@@ -61,12 +87,7 @@ def sparse_fwd_kernel(
     BQ: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr,
     SPARSE: tl.constexpr, SELECTED: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    tq, tok, hg, rvalid = _rows(pid_g, N, G, BQ, BM)
-    q_row = (b * N + tok).to(tl.int64) * HQ + h * G + hg
+    pid_g, bh, b, h, tq, tok, hg, rvalid, q_row = _group_rows(N, HQ, HKV, G, BQ, BM)
     kr = tl.arange(0, BSP)
     kin = kr < BS  # the padded tail of a short block (block_size < 16)
     LN2: tl.constexpr = 0.6931471805599453
@@ -84,14 +105,7 @@ def sparse_fwd_kernel(
     gi = bh.to(tl.int64) * NG + pid_g
     n_units = tl.load(g_count + gi)
     for i in range(n_units):
-        kpos = tl.load(g_start + gi * W + i) + kr
-        kvalid = kin & (kpos < N)
-        k_row = (b * N + kpos).to(tl.int64) * HKV + h
-        if BQ == 1:  # noqa: SIM108 - one token per group: every listed unit is its own
-            allowed = rvalid
-        else:
-            allowed = (((tl.load(g_bits + gi * W + i) >> tq) & 1) != 0) & rvalid
-        allowed = allowed[:, None] & (kpos[None, :] <= tok[:, None]) & kvalid[None, :]
+        kvalid, k_row, allowed = _group_unit(g_start, g_bits, gi, W, i, kr, kin, N, b, h, tq, tok, rvalid, HKV, BQ)
         v = _ld(V, k_row, kvalid, DV, BDV, DV, UPCAST)
         if SPARSE:
             k = _ld(K, k_row, kvalid, D, BD, D, UPCAST)

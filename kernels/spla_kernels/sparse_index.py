@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from spla_lit.ops.utils import cdiv
+from spla_lit.ops.utils import cdiv, sequence_segments
 
 _BIG = 2**31 - 1
-
 
 
 @dataclass
@@ -59,14 +58,14 @@ def token_units(block_idx: torch.Tensor, n: int, block_size: int, query_block: i
         end = torch.clamp(start + block_size, max=n)
         offset = torch.zeros(n, dtype=torch.long, device=dev)
     else:
-        cu = [int(x) for x in cu_seqlens.tolist()]
-        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        segments = sequence_segments(cu_seqlens, batch=B, n=n)
+        lens = [e - a for a, e in segments]
         nblk = [cdiv(x, block_size) for x in lens]
         boff = [0]
         for c in nblk:
             boff.append(boff[-1] + c)
         starts, ends = [], []
-        for (a, e), c in zip(zip(cu[:-1], cu[1:]), nblk):
+        for (a, e), c in zip(segments, nblk):
             for j in range(c):
                 starts.append(a + j * block_size)
                 ends.append(min(a + (j + 1) * block_size, e))
@@ -74,7 +73,7 @@ def token_units(block_idx: torch.Tensor, n: int, block_size: int, query_block: i
         end = torch.tensor(ends, dtype=torch.long, device=dev)
         lens_t = torch.tensor(lens, device=dev)
         seq = torch.repeat_interleave(torch.arange(len(lens), device=dev), lens_t, output_size=n)
-        local_t = t - torch.tensor(cu[:-1], device=dev)[seq]
+        local_t = t - torch.tensor([a for a, _ in segments], device=dev)[seq]
         offset = torch.tensor(boff[:-1], device=dev)[seq]
     keep = (tok >= 0) & (tok * block_size <= local_t[None, None, :, None])
     # Duplicates in a token's list would be counted twice by the union's bit masks: drop them.

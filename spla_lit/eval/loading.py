@@ -5,6 +5,11 @@ and the LightningModule's weights under ``state_dict`` (``net.*``). :func:`load_
 ``cfg.model`` and loads the weights strictly. Model-side overrides (``override.sparse.topk=8`` on the
 ``eval.py`` command line) edit the stored config before the rebuild; they only touch weight-free knobs
 (the scorer, the selection geometry, the residual's mode), so the trained weights still fit.
+
+The file is read by :func:`spla_lit.training.checkpoint_io.read_checkpoint` (``weights_only``, checksums,
+finite weights, the stored config's targets checked against the allowlist) and the model is built by
+:func:`spla_lit.safety.safe_instantiate` from the model classes only: a crafted checkpoint is refused
+before anything is built.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from ..config import ConfigError, uses_spla, validate_config
+from ..safety import MODEL_TARGETS, safe_instantiate
+from ..training.checkpoint_io import read_checkpoint
 
 # Keys that ``override.<section>.<key>`` may set, per section. rla.mode also takes ``none``: drop the
 # residual at evaluation (its gate weights are then unused).
@@ -46,12 +52,14 @@ class LoadedModel:
     ckpt_path: str
 
 
-def resolve_ckpt_path(path: str | Path) -> Path:
+def resolve_ckpt_path(path: str | Path | None) -> Path:
     """A checkpoint file, or a run directory (its ``checkpoints/last.ckpt``)."""
+    if path is None or str(path) == "":
+        raise ConfigError("ckpt_path: missing; give ckpt_path=<a .ckpt file written by train.py, or its run folder>")
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and (p / "checkpoints").is_dir():
         p = p / "checkpoints" / "last.ckpt"
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"ckpt_path: no checkpoint at {str(path)!r} (give a .ckpt file or a run directory)")
     return p
 
@@ -146,11 +154,12 @@ def set_impl(cfg: DictConfig, impl: str) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` of a training checkpoint on the CPU (``weights_only``), checked for ``spla_config``."""
+    """A training checkpoint, read and checked on the CPU (:func:`read_checkpoint`), with ``spla_config``."""
     p = resolve_ckpt_path(path)
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    if "spla_config" not in ckpt or "state_dict" not in ckpt:
-        raise ConfigError(f"ckpt_path: {str(p)!r} has no 'spla_config'/'state_dict': not written by train.py")
+    ckpt = read_checkpoint(p, key="ckpt_path")
+    if not isinstance(ckpt.get("spla_config"), Mapping):
+        raise ConfigError(f"ckpt_path: {p}: no 'spla_config' (the run config train.py stores): cannot rebuild "
+                          "the model")
     return ckpt
 
 
@@ -163,7 +172,7 @@ def load_model(ckpt_path: str | Path, override: Mapping | None = None, impl: str
     cfg, flat = apply_overrides(cfg, override)
     if impl is not None:
         set_impl(cfg, impl)
-    net = instantiate(cfg.model)
+    net = safe_instantiate(cfg.model, "spla_config.model", MODEL_TARGETS)
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     if flat.get("rla.mode") == "none":
         state = {k: v for k, v in state.items() if ".attn.rla." not in k}

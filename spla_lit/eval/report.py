@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,19 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json(obj: Any, path: str | Path) -> Path:
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """``obj`` as strict JSON (NaN / inf as null), written atomically."""
+    return write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n", path)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -108,8 +117,10 @@ def eval_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path | None:
-    """Accuracy (%) vs context length, one line per model: ``series[label][length] = accuracy in [0, 1]``.
+def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "",
+                  bands: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> Path | None:
+    """Accuracy (%) vs context length, one line per model: ``series[label][length] = accuracy in [0, 1]``;
+    ``bands[label][length] = (low, high)`` shades an interval around a line (where every point has one).
 
     Returns the PNG path, or None (with a logged message) when matplotlib is not installed.
     """
@@ -124,7 +135,11 @@ def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, t
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, points in series.items():
         xs = sorted(int(n) for n in points)
-        ax.plot(xs, [100 * points[str(n)] for n in xs], marker="o", label=label)
+        line, = ax.plot(xs, [100 * points[str(n)] for n in xs], marker="o", label=label)
+        band = (bands or {}).get(label) or {}
+        if xs and all(str(n) in band for n in xs):
+            ax.fill_between(xs, [100 * band[str(n)][0] for n in xs], [100 * band[str(n)][1] for n in xs],
+                            color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
     all_x = sorted({int(n) for points in series.values() for n in points})
     ax.set_xticks(all_x, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in all_x])

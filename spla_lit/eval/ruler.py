@@ -21,7 +21,7 @@ of a sweep sees the same samples; :func:`check_disjoint` refuses a training seed
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ from ..config import ConfigError
 from ..data import RULER_TASKS, TASKS, VAL_SEED_OFFSET, eval_dataloader, make_task
 from ..data.vocab import Vocab
 from ..inference import fill_greedy
+from .progress import EvalProgress
+from .text_tasks import DECODES
 
 EVAL_SEED_BASE = 2_000_000_011
 # The suite of the issue / RULER (MQAR can be added: tasks=[...,mqar]).
@@ -84,18 +86,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-DECODE_MODES: tuple[str, ...] = ("teacher_forced", "generate")
-
-
 @torch.inference_mode()
 def task_exact_match(net: nn.Module, task: str, length: int, num_samples: int, seed: int, *,
                      batch_size: int, device: torch.device, precision: str = "fp32", vocab_size: int = 512,
                      language_seed: int = 0, task_kwargs: Mapping[str, Any] | None = None,
-                     decode: str = "teacher_forced") -> tuple[int, int]:
+                     decode: str = "teacher_forced", progress: Callable[[int], None] | None = None
+                     ) -> tuple[int, int]:
     """(samples right, samples) of ``num_samples`` samples of ``task`` at model input length ``length``,
-    scored by ``decode`` (``teacher_forced`` | ``generate``, see the module docstring)."""
-    if decode not in DECODE_MODES:
-        raise ConfigError(f"decode: unknown value {decode!r}; expected one of {', '.join(DECODE_MODES)}")
+    scored by ``decode`` (``teacher_forced`` | ``generate``, see the module docstring); ``progress(tokens)`` is
+    called after each batch."""
+    if decode not in DECODES:
+        raise ConfigError(f"decode: unknown value {decode!r}; expected one of {', '.join(DECODES)}")
     loader = eval_dataloader(task, length, num_samples, seed, batch_size=batch_size, vocab_size=vocab_size,
                              language_seed=language_seed, task_kwargs=task_kwargs)
     right = total = 0
@@ -107,23 +108,25 @@ def task_exact_match(net: nn.Module, task: str, length: int, num_samples: int, s
             with autocast(device, precision):
                 out = fill_greedy(net, tokens, fill)
             ok = ((out == tokens) | ~fill).all(-1) & fill.any(-1)
-            right += int(ok.sum())
-            total += ids.shape[0]
-            continue
-        with autocast(device, precision):
-            logits = net(ids)
-        ok = ((logits.argmax(-1) == labels) | ~answer).all(-1) & answer.any(-1)
+        else:
+            with autocast(device, precision):
+                logits = net(ids)
+            ok = ((logits.argmax(-1) == labels) | ~answer).all(-1) & answer.any(-1)
         right += int(ok.sum())
         total += ids.shape[0]
+        if progress is not None:
+            progress(ids.numel())
     return right, total
 
 
 def run_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_samples: int, eval_seed: int, *,
               batch_size: int, max_batch_tokens: int | None, device: torch.device, precision: str,
               vocab_size: int, language_seed: int, task_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              log: Any = None, decode: str = "teacher_forced") -> dict[str, Any]:
+              log: Any = None, progress: EvalProgress | None = None, decode: str = "teacher_forced"
+              ) -> dict[str, Any]:
     """Exact match per (length, task) and the per-length average over tasks (RULER's score), scored by
-    ``decode`` (``teacher_forced`` | ``generate``).
+    ``decode`` (``teacher_forced`` | ``generate``); ``progress`` shows the (task, length) being run and counts
+    its tokens.
 
     Returns ``{"per_task": {length: {task: accuracy}}, "average": {length: accuracy}, "overall": mean of
     the averages, "num_samples": ..., "seed": sample seed, "decode": decode}`` with lengths as strings (JSON keys).
@@ -135,9 +138,12 @@ def run_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_
         scores = {}
         for task in tasks:
             kwargs = dict((task_kwargs or {}).get(task) or {})
+            if progress is not None:
+                progress.stage(f"{task} @ {length}")
             right, total = task_exact_match(net, task, length, num_samples, seed, batch_size=rows, device=device,
                                             precision=precision, vocab_size=vocab_size,
-                                            language_seed=language_seed, task_kwargs=kwargs, decode=decode)
+                                            language_seed=language_seed, task_kwargs=kwargs, decode=decode,
+                                            progress=None if progress is None else progress.advance)
             scores[task] = right / total
             if log is not None:
                 log.info("length %6d  %-18s %s exact match %.3f (%d/%d)", length, task, decode, right / total, right,

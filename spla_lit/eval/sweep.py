@@ -106,9 +106,9 @@ TRAIN_KEYS = ("val/loss", "val/exact_match", "train/tokens_per_s", "fidelity/rec
               "fidelity/residual_err")
 
 
-def train_metrics(job_dir: Path) -> dict[str, float]:
-    """Last logged value of the job's TensorBoard scalars (``val/*``, ``fidelity/*``, throughput...), plus
-    ``wall_s``, the time from its first to its last event. Empty without logs or the ``tensorboard`` package."""
+def read_scalars(job_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every TensorBoard scalar of the job (``<job>/tensorboard/events.out.tfevents.*``) as ``tag -> [(step,
+    wall_time, value), ...]`` in logged order. Empty without logs or the ``tensorboard`` package."""
     files = sorted((job_dir / "tensorboard").glob("events.out.tfevents.*"))
     if not files:
         return {}
@@ -116,15 +116,21 @@ def train_metrics(job_dir: Path) -> dict[str, float]:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
         return {}
-    out: dict[str, float] = {}
-    times: list[float] = []
+    out: dict[str, list[tuple[int, float, float]]] = {}
     for f in files:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            events = acc.Scalars(tag)
-            out[tag] = events[-1].value
-            times += [events[0].wall_time, events[-1].wall_time]
+            out.setdefault(tag, []).extend((e.step, e.wall_time, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def train_metrics(job_dir: Path) -> dict[str, float]:
+    """Last logged value of the job's TensorBoard scalars (``val/*``, ``fidelity/*``, throughput...), plus
+    ``wall_s``, the time from its first to its last event. Empty without logs or the ``tensorboard`` package."""
+    scalars = read_scalars(job_dir)
+    out = {tag: events[-1][2] for tag, events in scalars.items() if events}
+    times = [t for events in scalars.values() for _, t, _ in events]
     if times:
         out["wall_s"] = max(times) - min(times)
     return out

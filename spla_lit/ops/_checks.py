@@ -104,3 +104,22 @@ def check_cu_seqlens(cu_seqlens: object, *, batch: int, n: int, query_block: int
     if cu_seqlens is None:
         raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of cumulative sequence lengths")
     return list(sequence_segments(cu_seqlens, batch=batch, n=n, query_block=query_block))
+
+
+def check_block_idx_values(block_idx: torch.Tensor, *, num_blocks: int) -> None:
+    """The values of a selection ``block_idx [B, Hkv, nQ, topk]``: every row holds strictly ascending key block
+    indices in ``[0, num_blocks)``, then ``-1`` padding. Costs one host read (public entry points only)."""
+    valid = block_idx >= 0
+    out_of_range = (block_idx < -1) | (block_idx >= num_blocks)
+    padding_first = ~valid[..., :-1] & valid[..., 1:]
+    not_ascending = valid[..., 1:] & (block_idx[..., 1:] <= block_idx[..., :-1])
+    bad_range, bad_padding, bad_order = torch.stack(
+        [out_of_range.any(), padding_first.any(), not_ascending.any()]).tolist()
+    if bad_range:
+        value = int(block_idx[out_of_range][0])
+        raise ValueError(f"block_idx holds {value}, outside [-1, {num_blocks - 1}] (the {num_blocks} key blocks; "
+                         "-1 pads a row)")
+    if bad_padding:
+        raise ValueError("block_idx: the -1 padding of a row must come after its selected blocks")
+    if bad_order:
+        raise ValueError("block_idx: each row must hold strictly ascending (so unique) block indices")

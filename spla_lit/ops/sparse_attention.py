@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_block_idx, check_cu_seqlens, check_qk, check_query_block, check_values
+from ._checks import (
+    check_block_idx,
+    check_block_idx_values,
+    check_cu_seqlens,
+    check_qk,
+    check_query_block,
+    check_values,
+)
 from ._dispatch import run_kernel, use_triton
 from .blocks import selected_key_mask
 from .utils import acc_dtype, cdiv, group_heads, ungroup_heads
@@ -37,6 +44,7 @@ def block_sparse_attention(
     return_lse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
+    validate: bool = True,
 ):
     """Softmax attention of every query over the keys of its selected blocks, causal (``j <= i``).
 
@@ -47,6 +55,8 @@ def block_sparse_attention(
         query_block: tokens per row of ``block_idx`` (1: one selection per token).
         cu_seqlens: int [S + 1] packed-sequence boundaries (B == 1): no attention across sequences;
             ``block_idx`` holds block indices local to each token's sequence.
+        validate: check ``block_idx``'s values (range, ascending, -1 padding last; one host read); callers
+            passing a selection from :func:`select_blocks` skip it.
 
     Returns:
         o [B, N, Hq, Dv] in q's dtype (accumulated in float32), and with ``return_lse`` the
@@ -57,6 +67,8 @@ def block_sparse_attention(
     v = check_values(v, k)
     check_query_block(query_block, block_size)
     check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=q.device)
+    if validate:
+        check_block_idx_values(block_idx, num_blocks=cdiv(N, block_size))
     scale = D**-0.5 if scale is None else scale
     segments = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, n=N, query_block=query_block)
     fast = None
@@ -67,7 +79,8 @@ def block_sparse_attention(
         o, lse = fast
     elif segments is not None:
         parts = [block_sparse_attention(q[:, s:e], k[:, s:e], v[:, s:e], block_idx[:, :, s:e], block_size=block_size,
-                                        scale=scale, return_lse=True, impl="reference") for s, e in segments]
+                                        scale=scale, return_lse=True, impl="reference", validate=False)
+                 for s, e in segments]
         o, lse = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=2)
     else:
         mask = selected_key_mask(block_idx, N, block_size, query_block)

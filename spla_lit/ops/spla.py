@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import COMBINES, FEATURE_MAPS, IMPLS, RLA_MODES, Combine, FeatureMap, Impl, RLAMode, Selection
-from ._checks import check_block_idx, check_choice, check_qk, check_selection, check_values
+from ._checks import check_block_idx, check_block_idx_values, check_choice, check_qk, check_selection, check_values
 from ._dispatch import run_kernel, use_triton
 from .feature_maps import feature_map as get_feature_map
 from .linear_attention import (
@@ -175,15 +175,20 @@ def sparse_attention_with_residual(
     return_lse: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Exact sparse attention and the residual linear attention (by subtraction) on one selection.
 
     Returns ``(o_sparse [B, N, Hq, Dv] in q's dtype, lse [B, Hq, N] float32 or None without return_lse,
     residual float32)`` as :func:`block_sparse_attention` and :func:`residual_linear_attention` would.
     On CUDA one Triton kernel computes the sparse output and the selected-linear term from the same K/V tiles.
+    ``validate`` checks ``block_idx``'s values first (see :func:`block_sparse_attention`).
     """
     B, N, Hq, Hkv, D = check_qk(q, k)
     check_values(v, k)
+    if validate:
+        check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, query_block), device=q.device)
+        check_block_idx_values(block_idx, num_blocks=cdiv(N, block_size))
     with_den = normalize or return_normalizer
     fused = None
     if use_triton(impl, "sparse_attention_with_selected_linear", q, k, v, phi_q, phi_k):
@@ -201,7 +206,7 @@ def sparse_attention_with_residual(
             residual = _finish_residual(glob - sel, nonempty, normalize and not return_normalizer, 1e-6)
         return o, lse, residual
     out = block_sparse_attention(q, k, v, block_idx, block_size=block_size, query_block=query_block,
-                                 scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens, impl=impl)
+                                 scale=scale, return_lse=return_lse, cu_seqlens=cu_seqlens, impl=impl, validate=False)
     o, lse = out if return_lse else (out, None)
     residual = residual_linear_attention(phi_q, phi_k, v, block_idx, block_size=block_size, query_block=query_block,
                                          normalize=normalize, return_normalizer=return_normalizer,
@@ -291,7 +296,9 @@ def spla_attention(
     if block_idx is None:
         block_idx = score_and_select(q, k, sel, generator=generator, cu_seqlens=cu_seqlens, impl=impl)
     else:
+        # a caller's selection is checked once here (one host read); the ops below skip it
         check_block_idx(block_idx, batch=B, kv_heads=Hkv, num_q_blocks=cdiv(N, sel.query_block), device=q.device)
+        check_block_idx_values(block_idx, num_blocks=cdiv(N, sel.block_size))
     joint = combine == "joint" and rla != "none"  # (without a residual, nothing is combined)
     geometry = dict(block_size=sel.block_size, query_block=sel.query_block, cu_seqlens=cu_seqlens)
     residual = None
@@ -301,9 +308,10 @@ def spla_attention(
     if rla == "subtract":
         o_sparse, lse, residual = sparse_attention_with_residual(
             q, k, v, phi_q, phi_k, block_idx, scale=sel.scale, normalize=normalize, return_normalizer=joint,
-            return_lse=joint, impl=impl, **geometry)
+            return_lse=joint, impl=impl, validate=False, **geometry)
     else:
-        out = block_sparse_attention(q, k, v, block_idx, scale=sel.scale, return_lse=joint, impl=impl, **geometry)
+        out = block_sparse_attention(q, k, v, block_idx, scale=sel.scale, return_lse=joint, impl=impl,
+                                     validate=False, **geometry)
         o_sparse, lse = out if joint else (out, None)
         if rla == "explicit":
             residual = explicit_residual_linear_attention(phi_q, phi_k, v, block_idx, normalize=normalize,

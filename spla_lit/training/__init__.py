@@ -1,8 +1,16 @@
 """Lightning pieces: the LightningModule, callbacks, atomic checkpoint I/O and the schedule."""
 
-from .callbacks import NonFiniteLossError, Throughput
-from .checkpoint_io import AtomicCheckpointIO
+from .callbacks import (
+    GracefulStop,
+    ModelSummary,
+    NonFiniteLossError,
+    StepProgressBar,
+    Throughput,
+    TrainingInterrupted,
+)
+from .checkpoint_io import AtomicCheckpointIO, CheckpointError
 from .lm_module import LMModule
 from .schedule import warmup_cosine
 
-__all__ = ["AtomicCheckpointIO", "LMModule", "NonFiniteLossError", "Throughput", "warmup_cosine"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "GracefulStop", "LMModule", "ModelSummary", "NonFiniteLossError",
+           "StepProgressBar", "Throughput", "TrainingInterrupted", "warmup_cosine"]

@@ -1,14 +1,20 @@
-"""Callbacks: throughput and MFU logging, the torch.compile graph-break report."""
+"""Callbacks: throughput and MFU logging, the torch.compile graph-break report, the stop on SIGINT/SIGTERM
+with a checkpoint, a progress bar in optimizer steps, and a model summary without Lightning's FLOPs column."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import flops
@@ -18,6 +24,16 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when the loss or the gradient norm is NaN or inf; the message names the step."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint. ``signum``: the signal; ``checkpoint``: the
+    path to resume from (``ckpt_path=<checkpoint>``); ``step``: its optimizer step."""
+
+    def __init__(self, signum: int, checkpoint: str, step: int) -> None:
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint: {checkpoint} "
+                         f"(resume with ckpt_path={checkpoint})")
 
 
 class Throughput(L.Callback):
@@ -57,7 +73,8 @@ class Throughput(L.Callback):
         self._peak = self.peak_flops or flops.peak_flops(pl_module.device, trainer.precision)
         if self._peak is None:
             rank_zero_info(f"MFU is not logged: no peak FLOP/s known for {pl_module.device} at precision "
-                           f"{trainer.precision} (set callbacks.throughput.peak_flops); tokens/s and TFLOP/s are")
+                           f"{trainer.precision} (set callbacks.throughput.peak_flops); tokens/s and TFLOP/s are "
+                           "logged")
         now = self._samples_now
         if self._loaded_samples_per_step not in (None, now):
             rank_zero_warn(f"resumed with {now} samples per optimizer step, but the checkpoint was trained with "
@@ -176,3 +193,173 @@ def graph_breaks() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return dict(counters["graph_break"])
+
+
+class GracefulStop(L.Callback):
+    """Stop cleanly on SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job): finish the current optimizer
+    step, write ``<dirpath>/<filename>`` (atomically; a folder of shards under ``trainer=fsdp``) and end
+    ``fit`` without validating. :attr:`interrupted` then holds the :class:`TrainingInterrupted` that
+    ``run.py`` raises (``train.py`` exits with ``128 + signal``). Resuming from that checkpoint continues at
+    the exact step and data position. A second Ctrl-C aborts at once, without a checkpoint.
+
+    All ranks stop at the same step: the signal flags are reduced (max) across ranks before each optimizer
+    step. SIGTERM received by the launching process is forwarded to the processes it launched, as Lightning
+    does. Lightning's SLURM auto-requeue (its requeue signal, SIGUSR1 by default) is left as it is; only
+    Lightning's SIGTERM handler, which would exit without a checkpoint, is replaced while training runs.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, dirpath: str | os.PathLike, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self.received: int = 0  # the signal this process got (0: none)
+        self.interrupted: TrainingInterrupted | None = None
+        self._stop_signal = 0  # agreed by all ranks before the optimizer step
+        self._announced = False
+        self._previous: dict[int, Any] = {}
+
+    # --- handlers -----------------------------------------------------------------------------------
+
+    def _handler(self, trainer: L.Trainer):
+        # Only flags and signals here: printing from a handler can interrupt a write to the same stream.
+        def handle(signum: int, frame: Any) -> None:
+            if self.received and signum == signal.SIGINT:
+                self._restore()
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+            if not self.received:
+                self.received = signum
+                launcher = trainer.strategy.launcher
+                if signum == signal.SIGTERM and launcher is not None:
+                    launcher.kill(signum)  # the processes it started (Ctrl-C reaches them through the terminal)
+
+        return handle
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed here, after Lightning registered its own SIGTERM handler (at the start of the fit stage).
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        handler = self._handler(trainer)
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, handler)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    # --- stopping -----------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer step, before it: every rank learns whether any rank got a signal. (The module's
+        # finiteness check reads the device at this point anyway, so this adds no extra wait.)
+        signum = self.received
+        if signum and not self._announced:
+            self._announced = True
+            rank_zero_info(f"{signal.Signals(signum).name} received: stopping after this optimizer step and writing "
+                           f"{self.path} (Ctrl-C again aborts without a checkpoint)")
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(signum), device=pl_module.device)
+            signum = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        self._stop_signal = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._stop_signal or self.interrupted is not None:
+            return
+        # The optimizer step is done: the state ModelCheckpoint would save here, which resumes exactly.
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self.interrupted = TrainingInterrupted(self._stop_signal, str(self.path), trainer.global_step)
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates before an early stop: not now, time may be short
+
+
+class FinalHparams(L.Callback):
+    """At the end of training, log the run's knobs (``params``, e.g. ``run.run_summary``) with its final
+    validation metrics to TensorBoard: the HPARAMS tab then lists every run with ``hp/val_loss``,
+    ``hp/val_ppl``, ``hp/val_answer_acc``, ``hp/val_exact_match`` and ``hp/global_step`` (also after a stop on
+    a signal; not after a run that raised)."""
+
+    METRICS = ("val/loss", "val/ppl", "val/answer_acc", "val/exact_match")
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = dict(params)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        values = trainer.callback_metrics
+        metrics = {f"hp/{k.replace('/', '_')}": float(values[k]) for k in self.METRICS if k in values}
+        if not metrics:
+            return  # no validation ran: nothing to compare runs by
+        metrics["hp/global_step"] = float(trainer.global_step)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.params, metrics)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counting optimizer steps out of ``trainer.max_steps`` (with their ETA)
+    instead of the batches of an epoch: runs here are sized in steps (``max_epochs=-1`` showed "Epoch 0/-2"),
+    and a resumed run starts at its step ("40/19" was batch 40 of the remaining 19)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Step':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            # start at the resumed step, with an empty speed history (no jump in the ETA)
+            self.progress.reset(self.train_progress_bar_id, total=self.total_train_batches,
+                                completed=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without its FLOPs column, which printed 0 (Lightning counts FLOPs only
+    by running an ``example_input_array``, and its counter cannot see the Triton kernels). The analytic
+    training FLOPs of one sequence (:func:`.flops.training_flops`, the count MFU uses) are stated instead."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        summary = self._summary(trainer, pl_module)
+        columns = [(name, values) for name, values in summary._get_summary_data() if name != "FLOPs"]
+        table = Table(header_style="bold magenta")
+        table.add_column(" ", style="dim")
+        for name, _ in columns[1:]:
+            table.add_column(name, justify="right" if name.startswith("Params") else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        seq_len = getattr(trainer.datamodule, "seq_len", None)
+        lines = [f"Trainable params: {summary.trainable_parameters:,}", f"Total params: {summary.total_parameters:,}",
+                 f"Params size: {summary.model_size:.1f} MB"]
+        try:
+            if seq_len is not None:
+                total = flops.training_flops(pl_module.net, int(seq_len)).total
+                lines.append(f"Training FLOPs per sequence of {seq_len} tokens: {total:.3g} (forward + backward)")
+        except (AttributeError, TypeError, ValueError):  # not a DecoderLM of known attention: no count
+            pass
+        console.print("\n".join(lines))

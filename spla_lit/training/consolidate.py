@@ -7,7 +7,9 @@ The file has ``state_dict`` (``net.`` keys, full tensors), ``spla_config`` and, 
 ``optimizer_states`` keyed like a plain ``torch.optim`` state dict, with the loops, LR schedulers and
 callbacks: ``LMModule`` / eval load it as any single-GPU checkpoint, and ``ckpt_path=<file>`` resumes from
 it at the exact step on one device, under DDP, or under FSDP on any number of GPUs. Runs on the CPU,
-without a process group; the whole checkpoint must fit in memory.
+without a process group; the whole checkpoint must fit in memory. The folder is checked first (its shards'
+checksums, finite weights, the stored config's targets: :func:`.checkpoint_io.verify_sharded`) and the file
+is written atomically with per-tensor checksums.
 """
 
 from __future__ import annotations
@@ -21,31 +23,26 @@ from typing import Any
 
 import torch
 
-from .checkpoint_io import atomic_torch_save
+from ..config import ConfigError
+from .checkpoint_io import CheckpointError, check_finite, is_sharded_checkpoint, save_checkpoint_file, verify_sharded
 
 log = logging.getLogger(__name__)
-METADATA = "meta.pt"  # Lightning's file of the non-tensor state, next to the shards
+__all__ = ["consolidate", "is_sharded_checkpoint", "load_sharded", "main", "rekey_optimizer_state"]
 
 
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A folder of ``torch.distributed.checkpoint`` shards with Lightning's metadata file."""
-    path = Path(path)
-    return path.is_dir() and (path / METADATA).is_file() and (path / ".metadata").is_file()
-
-
-def load_sharded(path: str | Path) -> dict[str, Any]:
-    """Every tensor of a sharded checkpoint, gathered into full tensors, plus its metadata file."""
+def load_sharded(path: str | Path, key: str = "src") -> dict[str, Any]:
+    """Every tensor of a sharded checkpoint, gathered into full tensors, plus its metadata file; the folder is
+    verified first and the weights must be finite (:class:`.checkpoint_io.CheckpointError` naming ``key``)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint folder (with {METADATA} and .metadata)")
+    meta = verify_sharded(path, key=key)
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+    _load_state_dict(state, storage_reader=FileSystemReader(Path(path)), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
-    state.update(torch.load(path / METADATA, map_location="cpu", weights_only=True))
+    check_finite(state, f"{key}: {path}", what="")  # model weights and optimizer states
+    state.update(meta)
     return state
 
 
@@ -71,11 +68,11 @@ def consolidate(src: str | Path, dst: str | Path | None = None, *, weights_only:
     if not weights_only:
         checkpoint["optimizer_states"] = states
     if "state_dict" not in checkpoint:
-        raise KeyError(f"{src}: no model state_dict in the checkpoint")
+        raise CheckpointError(f"src: {src}: no model state_dict in the checkpoint")
     if "spla_config" not in checkpoint:
         log.warning("%s has no spla_config: eval cannot rebuild the model from it alone", src)
     if dst is not None:
-        atomic_torch_save(checkpoint, dst)
+        save_checkpoint_file(checkpoint, dst)
     return checkpoint
 
 
@@ -89,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("dst must differ from src")
     try:
         checkpoint = consolidate(args.src, args.dst, weights_only=args.weights_only)
-    except FileNotFoundError as e:
+    except ConfigError as e:  # one line naming the folder and what is wrong with it
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(v.numel() for v in checkpoint["state_dict"].values() if torch.is_tensor(v))

@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 
 from ..options import check_choice
+from .checkpoint_io import CheckpointError, verify_checkpoint, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("fsdp2_save_written")
         if self.is_global_zero:
+            write_manifest(partial)  # the shards' checksums, verified by load_checkpoint and consolidate
             swap_in(partial, path)
         self.barrier("fsdp2_save_done")
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Verify the checkpoint on rank 0 (checksums, stored config: ``checkpoint_io``), then load it."""
+        error = self.broadcast(verify_checkpoint(checkpoint_path) if self.is_global_zero else None)
+        if error:
+            raise CheckpointError(error)
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
 
 def swap_in(new: Path, path: Path) -> None:

@@ -52,7 +52,8 @@ def spla_ckpt(tmp_path_factory):
 
 @pytest.mark.slow
 def test_eval_cli_writes_json_markdown_and_plot(spla_ckpt, tmp_path):
-    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path={spla_ckpt}", f"output_dir={tmp_path}", *FAST_EVAL],
+    proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path={spla_ckpt}", f"output_dir={tmp_path}", *FAST_EVAL,
+                           f"paths.log_dir={tmp_path / 'logs'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

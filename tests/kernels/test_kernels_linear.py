@@ -1,41 +1,30 @@
 """Triton causal linear attention (``spla_kernels.linear``) against the float64 PyTorch reference.
 
-Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported), tiny shapes.
+Runs on CPU under the Triton interpreter at tiny shapes (tests/kernels/conftest.py); buffers poisoned.
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+import spla_kernels.linear as lin
+from spla_kernels.config import LinearConfig
+from spla_lit.ops import causal_linear_attention
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-from poison import PoisonTorch  # noqa: E402
-
-from spla_lit.ops import causal_linear_attention  # noqa: E402
-
-lin = pytest.importorskip("spla_kernels.linear")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(lin, "torch", PoisonTorch())
+POISONED = (lin,)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _check(B, N, Hq, Hkv, F, Dv, dtype, *, cu=None, tol_out, tol_grad, seed=0):
+def _check(B, N, Hq, Hkv, F, Dv, dtype, *, cu=None, tol_out, tol_grad, seed=0, config=None):
     g = torch.Generator().manual_seed(seed)
     # Non-negative features, like elu + 1; values of both signs.
     q = torch.rand(B, N, Hq, F, generator=g).to(dtype).requires_grad_()
     k = torch.rand(B, N, Hkv, F, generator=g).to(dtype).requires_grad_()
     v = torch.randn(B, N, Hkv, Dv, generator=g).to(dtype).requires_grad_()
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    out = lin.causal_linear_attention(q, k, v, cu_seqlens=cu_t)
+    out = lin.causal_linear_attention(q, k, v, cu_seqlens=cu_t, config=config)
     assert out.dtype == torch.float32 and out.shape == (B, N, Hq, Dv)
     assert torch.isfinite(out).all()
     do = torch.randn(out.shape, generator=g)
@@ -81,11 +70,11 @@ def test_float32_extra_column_gqa_packed():
 
 
 @pytest.mark.parametrize("dv", [16, 17])
-def test_super_chunks_and_fixup(monkeypatch, dv):
+def test_super_chunks_and_fixup(dv):
     # Several chunks per super-chunk (the two-level scan and the fix-up pass), forward and reverse states,
     # with sequences of 1, 4 and 6 chunks; dv = 17: with the extra state column.
-    monkeypatch.setattr(lin, "SUPER_TARGET", 1)
-    _check(1, 700, 4, 2, 16, dv, torch.float32, cu=[0, 20, 300, 700], tol_out=1e-5, tol_grad=1e-5)
+    _check(1, 700, 4, 2, 16, dv, torch.float32, cu=[0, 20, 300, 700], tol_out=1e-5, tol_grad=1e-5,
+           config=LinearConfig(super_target=1))
 
 
 def test_bf16_forward_keeps_float32_state_accuracy():
@@ -114,3 +103,24 @@ def test_float64_falls_back_to_reference():
     out = lin.causal_linear_attention(q, k, v)
     assert out.dtype == torch.float64
     assert torch.allclose(out, causal_linear_attention(q, k, v, impl="reference"))
+
+
+def test_tile_configs_agree():
+    # The unsplit backward products, other row tiles, two super-chunks per scan step, and the table's entry for
+    # float32 inputs (half the key-gradient rows): same results within the same tolerances.
+    from spla_kernels.config import _LINEAR
+
+    for config in (LinearConfig(super_target=1, bwd_split=False, out_rows=32, dkdv_rows=16, scan_chunks=2),
+                   _LINEAR["sm90", True]):
+        _check(1, 130, 4, 2, 16, 17, torch.bfloat16, cu=[0, 100, 130], tol_out=1e-4, tol_grad=2e-2, config=config)
+
+
+def test_declines_where_the_table_has_no_tiles(monkeypatch):
+    # sm89 has no linear-attention tiles (160 KiB of shared memory at F = Dv = 128): NotImplementedError before
+    # any launch, so spla_lit.ops runs its reference.
+    monkeypatch.setattr(lin, "arch_of", lambda device: "sm89")
+    q, k, v = (torch.rand(1, 8, h, 16) for h in (2, 1, 1))
+    with pytest.raises(NotImplementedError, match="sm89"):
+        lin.causal_linear_attention(q, k, v)
+    out = causal_linear_attention(q, k, v, impl="auto")  # CPU tensors: the reference, whatever the kernels say
+    assert torch.isfinite(out).all()

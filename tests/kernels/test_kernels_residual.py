@@ -6,32 +6,20 @@ forward and gradients (including the selected part's). Tiny shapes under the Tri
 buffer the kernel modules allocate starts as NaN.
 """
 
-import os
+import pytest
+import torch
+from reference import random_block_idx
 
-os.environ["TRITON_INTERPRET"] = "1"
+import spla_kernels.linear as lin
+import spla_kernels.residual as res
+from spla_kernels.config import LinearConfig
+from spla_lit import ops
+from spla_lit.ops.linear_attention import _append_ones, _finish_residual, has_unselected_keys
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-from poison import PoisonTorch  # noqa: E402
-from reference import random_block_idx  # noqa: E402
-
-from spla_lit import ops  # noqa: E402
-from spla_lit.ops.linear_attention import _append_ones, _finish_residual, has_unselected_keys  # noqa: E402
-
-res = pytest.importorskip("spla_kernels.residual")
-lin = pytest.importorskip("spla_kernels.linear")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(lin, "torch", PoisonTorch())
-    monkeypatch.setattr(res, "torch", PoisonTorch())
-    # Several chunks per super-chunk wherever a sequence has several chunks (the stored local states and the
-    # fix-up pass, with the normalizer's extra state column).
-    monkeypatch.setattr(lin, "SUPER_TARGET", 1)
+POISONED = (lin, res)
+# Several chunks per super-chunk wherever a sequence has several chunks (the stored local states and the
+# fix-up pass, with the normalizer's extra state column).
+SMALL_SUPER_CHUNKS = LinearConfig(super_target=1, epilogue_rows=16)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +60,7 @@ def test_subtract_residual_matches_reference(mode, dtype, B, N, Hq, Hkv, F, Dv, 
     sel = sel64.float().requires_grad_()
 
     out = res.subtract_residual(pq, pk, v, sel, nonempty, normalize=mode == "norm",
-                                return_normalizer=mode == "pair", cu_seqlens=cu_t)
+                                return_normalizer=mode == "pair", cu_seqlens=cu_t, config=SMALL_SUPER_CHUNKS)
     assert out.dtype == torch.float32 and out.shape == (B, N, Hq, Dv + (mode == "pair"))
     assert torch.isfinite(out).all()
     do = torch.randn(out.shape, generator=g)

@@ -1,29 +1,19 @@
 """Fused block scoring + top-k (``spla_kernels.select``) against ``select_blocks(block_scores(...))``.
 
-Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported), tiny shapes.
+Runs on CPU under the Triton interpreter at tiny shapes (tests/kernels/conftest.py); buffers poisoned.
 Random inputs make score ties unlikely; where a row still differs, the two selections must have the same
 reference scores (a tie broken the other way), never a worse pick.
 """
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+import spla_kernels.select as sel
+from spla_kernels.config import SelectConfig
+from spla_lit.ops import block_scores, score_and_select, select_blocks
+from spla_lit.options import Selection
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch  # noqa: E402
-from poison import PoisonTorch  # noqa: E402
-
-from spla_lit.ops import Selection, block_scores, score_and_select, select_blocks  # noqa: E402
-
-sel = pytest.importorskip("spla_kernels.select")
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(sel, "torch", PoisonTorch())
+POISONED = (sel,)
 
 
 def _assert_same_selection(got: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, topk: int) -> None:
@@ -46,18 +36,16 @@ def _assert_same_selection(got: torch.Tensor, ref: torch.Tensor, scores: torch.T
     assert torch.allclose(picked(got), picked(ref), atol=1e-4, rtol=1e-5)
 
 
-def _check(B, N, Hq, Hkv, D, dtype, *, block_size, topk, local_blocks=1, sink_blocks=0, scorer="taylor2",
-           covariance="diag", rank=4, head_reduce="lse", cu=None, seed=0):
+def _check(B, N, Hq, Hkv, D, dtype, *, cu=None, seed=0, config=None, **selection):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, N, Hq, D, generator=g).to(dtype)
     k = (torch.randn(B, N, Hkv, D, generator=g) * torch.rand(D, generator=g) * 2).to(dtype)  # uneven variances
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    selection = Selection(block_size=block_size, topk=topk, local_blocks=local_blocks, sink_blocks=sink_blocks,
-                          scorer=scorer, covariance=covariance, rank=rank, head_reduce=head_reduce)
-    got = sel.select_blocks_fused(q, k, selection, cu_seqlens=cu_t)
-    scores = block_scores(q, k, selection, cu_seqlens=cu_t)
-    ref = select_blocks(scores, selection, cu_seqlens=cu_t)
-    _assert_same_selection(got, ref, scores, topk)
+    s = Selection(**selection)
+    got = sel.select_blocks_fused(q, k, s, cu_seqlens=cu_t, config=config)
+    scores = block_scores(q, k, s, cu_seqlens=cu_t)
+    ref = select_blocks(scores, s, cu_seqlens=cu_t)
+    _assert_same_selection(got, ref, scores, s.topk)
     return got
 
 
@@ -91,6 +79,20 @@ def test_packed_odd_group_padding():
     assert (got[0, 0, :17, 2:] == -1).all()  # the first sequence has 2 blocks
 
 
+def test_packed_equal_lengths_and_causal():
+    # Two sequences of one length share one statistics call; a third differs. Changing the last tokens moves
+    # no earlier token's selection.
+    _check(1, 150, 2, 1, 16, torch.float32, block_size=8, topk=3, cu=[0, 40, 80, 150], seed=9)
+    g = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 150, 2, 16, generator=g), torch.randn(1, 150, 1, 16, generator=g)
+    cu = torch.tensor([0, 40, 80, 150], dtype=torch.int32)
+    q2, k2 = q.clone(), k.clone()
+    q2[:, 120:], k2[:, 120:] = torch.randn(1, 30, 2, 16, generator=g), torch.randn(1, 30, 1, 16, generator=g)
+    first, again = (sel.select_blocks_fused(a, b, Selection(block_size=8, topk=3), cu_seqlens=cu)
+                    for a, b in ((q, k), (q2, k2)))
+    assert torch.equal(first[:, :, :120], again[:, :, :120]) and not torch.equal(first, again)
+
+
 def test_dispatch_through_op():
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 96, 2, 16, generator=g), torch.randn(1, 96, 1, 16, generator=g)
@@ -100,13 +102,31 @@ def test_dispatch_through_op():
     assert torch.equal(got, ref)
 
 
+def test_scale_and_tile_configs():
+    # An explicit softmax scale, the single-product covariance term, other tiles (BN > padded topk, 2 tokens per
+    # program) and the table entries of the smallest-memory class: all pick the reference's blocks.
+    from spla_kernels.config import _SELECT
+
+    for config in (SelectConfig(rows=8, blocks_per_step=16, warps=2, stages=1, quad_split=False),
+                   _SELECT["default", False], _SELECT["default", True]):
+        _check(1, 130, 4, 1, 16, torch.bfloat16, block_size=8, topk=5, scale=0.3, config=config)
+
+
 def test_unsupported_and_invalid():
     q, k = torch.randn(1, 32, 2, 16), torch.randn(1, 32, 1, 16)
-    with pytest.raises(NotImplementedError):
-        sel.select_blocks_fused(q, k, Selection(block_size=8, topk=2, query_block=8))
-    with pytest.raises(NotImplementedError):
-        sel.select_blocks_fused(q, k, Selection(block_size=8, topk=2, scorer="oracle"))
-    with pytest.raises(NotImplementedError):
-        sel.select_blocks_fused(q, k, Selection(block_size=8, mode="window"))
-    with pytest.raises(ValueError, match="forced"):
-        Selection(block_size=8, topk=2, local_blocks=2, sink_blocks=1)
+    for unsupported in (Selection(block_size=8, topk=2, query_block=8),
+                        Selection(block_size=8, topk=2, scorer="oracle"),
+                        Selection(block_size=8, topk=2, scorer="random"),
+                        Selection(block_size=8, topk=2, covariance="full"),
+                        Selection(block_size=8, topk=2, local_blocks=2, mode="window")):
+        with pytest.raises(NotImplementedError):
+            sel.select_blocks_fused(q, k, unsupported)
+    with pytest.raises(NotImplementedError, match="group"):  # more query heads per KV head than rows per program
+        sel.select_blocks_fused(torch.randn(1, 32, 4, 16), k, Selection(block_size=8, topk=2),
+                                config=SelectConfig(rows=2))
+    with pytest.raises(TypeError, match="selection"):
+        sel.select_blocks_fused(q, k, dict(block_size=8, topk=2))
+    with pytest.raises(ValueError, match="heads"):
+        sel.select_blocks_fused(torch.randn(1, 32, 3, 16), torch.randn(1, 32, 2, 16), Selection(block_size=8, topk=2))
+    with pytest.raises(ValueError, match="dtype"):
+        sel.select_blocks_fused(q, k.double(), Selection(block_size=8, topk=2))

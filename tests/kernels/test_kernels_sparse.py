@@ -1,30 +1,21 @@
 """Triton sparse kernels (kernels/sparse.py) against the PyTorch references, on CPU via TRITON_INTERPRET=1.
 
 Forward outputs (o, lse, sel) and the gradients of every input are compared with ``spla_lit.ops``'s
-reference ops on fresh random inputs; kernel outputs are NaN-poisoned first so an unwritten element fails.
+reference ops on fresh random inputs; kernel outputs are NaN-poisoned first (tests/kernels/conftest.py) so an
+unwritten element fails.
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+import spla_kernels.sparse as S
+from spla_kernels.config import SparseConfig
+from spla_lit import ops
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
-
-import torch.nn.functional as F  # noqa: E402
-
-import spla_kernels.sparse as S  # noqa: E402
-from spla_lit import ops  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _poison_and_config(monkeypatch):
-    monkeypatch.setattr(S, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(S, "CONFIGS", {"sparse": S.SparseConfig(), "fused": S.SparseConfig()})
+POISONED = (S,)
 
 
 def _inputs(B, N, Hq, Hkv, D, dtype, seed, F_dim=None):
@@ -74,10 +65,10 @@ def _reference(q, k, v, pq, pk, idx, bs, qb, scale, norm, cu=None):
     return o, lse, sel
 
 
-def _check_fused(q, k, v, pq, pk, idx, bs, qb, norm, dtype, seed, cu=None):
+def _check_fused(q, k, v, pq, pk, idx, bs, qb, norm, dtype, seed, cu=None, config=None):
     scale = q.shape[-1] ** -0.5
     out = S.sparse_attention_with_selected_linear(q, k, v, pq, pk, idx, block_size=bs, query_block=qb, scale=scale,
-                                                  with_normalizer=norm, cu_seqlens=cu)
+                                                  with_normalizer=norm, cu_seqlens=cu, config=config)
     ref = _reference(q, k, v, pq, pk, idx, bs, qb, scale, norm, cu)
     assert out[0].dtype == dtype and out[1].dtype == torch.float32 and out[2].dtype == torch.float32
     for name, a, b in zip(("o", "lse", "sel"), out, ref):
@@ -112,14 +103,21 @@ def test_fused_matches_reference(case):
     _check_fused(q, k, v, pq, pk, idx, bs, qb, norm, dtype, seed)
 
 
-@pytest.mark.parametrize("rows,window", [(16, 8), (64, None), (32, 16)])
-def test_tile_configs_agree(monkeypatch, rows, window):
+@pytest.mark.parametrize("config", [SparseConfig(fwd_rows=16, dq_rows=16, dkv_rows=16, window=8),
+                                    SparseConfig(fwd_rows=64, dq_rows=64, dkv_rows=64, window=None),
+                                    SparseConfig(fwd_rows=32, dq_rows=32, dkv_rows=32, window=16)],
+                         ids=["16-w8", "64-whole", "32-w16"])
+def test_tile_configs_agree(config):
     """Other group sizes and dK/dV windows (several items per unit: the atomics) give the same result."""
-    cfg = S.SparseConfig(fwd_rows=rows, dq_rows=rows, dkv_rows=rows, window=window)
-    monkeypatch.setattr(S, "CONFIGS", {"sparse": cfg, "fused": cfg})
-    q, k, v, pq, pk = _inputs(1, 48, 8, 2, 16, torch.float32, 7 + rows)
+    q, k, v, pq, pk = _inputs(1, 48, 8, 2, 16, torch.float32, 7 + config.fwd_rows)
     idx = ops.score_and_select(q, k, ops.Selection(block_size=16, topk=2), impl="reference")  # a real selection
-    _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.float32, 3)
+    _check_fused(q, k, v, pq, pk, idx, 16, 1, True, torch.float32, 3, config=config)
+    # The softmax-only and selected-only entry points take the config too.
+    o, _ = S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25, config=config)
+    o_ref = ops.block_sparse_attention(q, k, v, idx, block_size=16, scale=0.25, impl="reference")
+    s = S.selected_linear_attention(pq, pk, v, idx, block_size=16, query_block=1, config=config)
+    s_ref = ops.selected_linear_attention(pq, pk, v, idx, block_size=16, impl="reference")
+    assert _rel(o, o_ref) < 1e-5 and _rel(s, s_ref) < 1e-5
 
 
 def test_feature_dim_differs_from_head_dim():
@@ -266,3 +264,15 @@ def test_transposed_items_match_brute_force(window, cu):
             assert i >= len(keys), "an empty item before the end of the list"
     assert [k for k, _ in got] == keys
     assert all(toks == expected[k] for k, toks in got)
+
+
+def test_declines_where_the_table_has_no_tiles(monkeypatch):
+    """A GPU class whose table entry is None (float32 on sm89) raises NotImplementedError before any launch
+    (spla_lit.ops then runs its reference); an explicit config still runs."""
+    monkeypatch.setattr(S, "arch_of", lambda device: "sm89")
+    q, k, v, pq, pk = _inputs(1, 20, 2, 1, 16, torch.float32, 61)
+    idx = _random_idx(1, 1, 20, 16, 2, 1, 61)
+    with pytest.raises(NotImplementedError, match="sm89"):
+        S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25)
+    o, _ = S.block_sparse_attention(q, k, v, idx, block_size=16, query_block=1, scale=0.25, config=SparseConfig())
+    assert _rel(o, ops.block_sparse_attention(q, k, v, idx, block_size=16, scale=0.25, impl="reference")) < 1e-5

@@ -76,7 +76,8 @@ def test_rla_modes_share_one_base():
 def test_ablation_variants_are_the_same_overrides():
     """Each +variant arm composes to exactly the model of its plain overrides."""
     arms = {"dense": ["model=dense"], "taylor2": ["model=spla", "scorer=taylor2", "rla=subtract"],
-            "taylor1": ["scorer=taylor1"], "random": ["scorer=random"], "no_rla": ["rla=none"]}
+            "taylor1": ["scorer=taylor1"], "random": ["scorer=random"], "no_rla": ["rla=none"],
+            "joint": ["rla.combine=joint"], "window": ["sparse=window"], "linear": ["model=linear"]}
     assert {p.stem for p in (ROOT / "conf" / "variant").glob("*.yaml")} == set(arms)
     for variant, plain in arms.items():
         a = OmegaConf.to_container(make_cfg([f"+variant={variant}"]).model, resolve=True)
@@ -156,7 +157,7 @@ def test_unknown_group_option_fails_at_composition():
 
 def test_bad_override_fails_before_the_model_is_built(monkeypatch, tmp_path):
     built = []
-    monkeypatch.setattr(run_module, "instantiate", lambda *a, **k: built.append(a) or None)
+    monkeypatch.setattr(run_module, "safe_instantiate", lambda *a, **k: built.append(a) or None)
     with pytest.raises(ConfigError, match="^sparse.topk"):
         run_module.build(make_cfg(["sparse.topk=0"], tmp_path))
     assert built == []

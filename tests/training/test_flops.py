@@ -11,9 +11,11 @@ from spla_lit.training import flops
 
 def test_flop_counts_follow_the_attention_variant():
     n = 1024
-    cfgs = {name: make_cfg([f"model={name}", "sparse.block_size=64", "sparse.topk=4", "model.d_model=64",
+    models = {"dense": ["model=dense"], "sparse": ["model=spla", "rla=none"], "spla": ["model=spla"],
+              "linear": ["model=linear"]}
+    cfgs = {name: make_cfg([*models[name], "sparse.block_size=64", "sparse.topk=4", "model.d_model=64",
                             "model.n_heads=2", "model.n_kv_heads=1"])
-            for name in ("dense", "sparse", "spla", "linear")}
+            for name in models}
     nets = {name: instantiate(cfg.model) for name, cfg in cfgs.items()}
     count = {name: flops.training_flops(net, n) for name, net in nets.items()}
     hq, d = 2, 32

@@ -95,7 +95,7 @@ def test_train_loss_is_the_mean_of_the_accumulated_micro_batches(tmp_path, monke
     def recording(self, logits, labels):
         loss = real_loss(self, logits, labels)
         if self.training:
-            seen.setdefault(self.global_step, []).append(float(loss))
+            seen.setdefault(self.global_step, []).append(float(loss.detach()))
         return loss
 
     monkeypatch.setattr(LMModule, "_loss", recording)

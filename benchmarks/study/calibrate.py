@@ -1,0 +1,260 @@
+"""Calibrate study stage A: a small grid of dense runs (lr x width x mixture) trained at once on one GPU for a
+fixed wall time, then evaluated at the training length; which configs reach >= 90% exact match on niah_single and
+mqar, after how many steps and tokens, at what throughput. Optional SPLA probe runs measure the sparse arms'
+throughput under the same load, to size stage A (benchmarks/study/stage_a.py --steps).
+
+    python benchmarks/study/calibrate.py --out $OUT                                   # the GPU call (~3.5 min)
+    python benchmarks/study/calibrate.py --out $OUT --widths 256 384                  # + the width axis
+    python benchmarks/study/calibrate.py --tiny --device cpu --lrs 1e-3 --widths 32 --mixtures single \\
+        --probe taylor2 --out /tmp/calib                                               # CPU dry run
+
+Every run is ``python train.py experiment=study_a +variant=dense seed=1 <grid overrides>`` with a schedule of
+--max-steps and ``trainer.max_time`` = --train-s - --startup-s; validation (val/acc/niah_single, val/acc/mqar,
+128 samples) every --val-every steps gives the steps to 90%. Then ``python eval.py`` at the training length,
+--num-samples per task. Outputs in --out (5 files): launcher.log, commands.sh, calibration.md, calibration.json
+(rows, suggestion, run records), calib_runs.tar.gz (records and clipped logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _launch import (
+    CPU_TRAIN,
+    TINY_HEAD_DIM,
+    TINY_TRAIN,
+    Job,
+    Log,
+    assign_gpus,
+    default_impl,
+    eval_job,
+    gpu_count,
+    has_checkpoint,
+    log_setup,
+    max_time,
+    records_and_archive,
+    run_jobs,
+    thread_env,
+    train_length,
+    width_overrides,
+    write_commands,
+)
+
+# Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), an easier MQAR (8 pairs,
+# 4 queries; training and evaluation alike), or the NIAH variant mix + MQAR (harder).
+MIXTURES = {"single": [],
+            "easy": ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
+            "niah": ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
+TARGET = 0.9
+TASKS = ("niah_single", "mqar")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (the device's $OUT)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
+    p.add_argument("--widths", nargs="+", type=int, default=[256],
+                   help="d_model (heads of 64, 16 with --tiny); e.g. 256 384 doubles the grid, halving each run's "
+                        "share of the GPU")
+    p.add_argument("--mixtures", nargs="+", default=["single", "easy"], choices=sorted(MIXTURES),
+                   help="training mixtures; the first one reaching the target is preferred")
+    p.add_argument("--probe", nargs="*", default=["taylor2"],
+                   help="SPLA arms run beside the grid (first lr, width and mixture) to measure their throughput")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides for every run")
+    p.add_argument("--max-steps", type=int, default=4000, help="trainer.max_steps: the LR schedule's length")
+    p.add_argument("--val-every", type=int, default=100, help="trainer.val_check_interval")
+    p.add_argument("--train-s", type=float, default=160, help="deadline of the training phase (s)")
+    p.add_argument("--startup-s", type=float, default=35,
+                   help="part of --train-s kept for start-up and the final checkpoint (max_time = the rest)")
+    p.add_argument("--eval-s", type=float, default=40, help="deadline of the evaluation phase (s)")
+    p.add_argument("--num-samples", type=int, default=100, help="eval samples per task at the training length")
+    p.add_argument("--stage-a-train-s", type=float, default=420, help="stage A's --train-s, for the step suggestion")
+    p.add_argument("--stage-a-startup-s", type=float, default=60, help="stage A's --startup-s")
+    p.add_argument("--stage-a-jobs-per-gpu", type=int, default=12, help="24 runs on 2 GPUs: 12")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/spla_study"), help="where run directories go")
+    return p.parse_args(argv)
+
+
+def grid(args: argparse.Namespace) -> list[tuple[str, str, list[str], dict[str, Any]]]:
+    """(name, arm, overrides, knobs) per run: the dense grid, then the probes."""
+    head_dim = TINY_HEAD_DIM if args.tiny else 64
+    runs = []
+    for lr, width, mix in itertools.product(args.lrs, args.widths, args.mixtures):
+        knobs = {"lr": lr, "width": width, "mixture": mix}
+        runs.append((f"dense_lr{lr:g}_d{width}_{mix}", "dense",
+                     [f"optim.lr={lr}", *width_overrides(width, head_dim), *MIXTURES[mix]], knobs))
+    lr, width, mix = args.lrs[0], args.widths[0], args.mixtures[0]
+    for arm in args.probe:
+        runs.append((f"probe_{arm}_lr{lr:g}_d{width}_{mix}", arm,
+                     [f"optim.lr={lr}", *width_overrides(width, head_dim), *MIXTURES[mix]],
+                     {"lr": lr, "width": width, "mixture": mix}))
+    return runs
+
+
+def steps_to_target(history: list[dict[str, float]]) -> int | None:
+    """First validation step where every task of :data:`TASKS` has val accuracy >= :data:`TARGET`."""
+    for row in history:
+        if all(row.get(f"val/acc/{t}", -1.0) >= TARGET for t in TASKS):
+            return int(row["step"])
+    return None
+
+
+def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """One row per run and the stage A suggestion (see calibration.md for the rule)."""
+    rows = []
+    for r in records:
+        t, e = r.get("train") or {}, r.get("eval") or {}
+        per_task = ((e.get("ruler") or {}).get("per_task") or {})
+        at_len = next(iter(per_task.values()), {})
+        steps90 = steps_to_target(t.get("val_history") or [])
+        step = t.get("global_step")
+        wall = t.get("wall_s")
+        rows.append({
+            "job": r["job"], "arm": r["arm"], **r.get("knobs", {}), "status": t.get("status"), "steps": step,
+            "tokens": t.get("tokens"), "wall_s": wall, "tokens_per_s": t.get("tokens_per_s"),
+            "tokens_per_s_median": t.get("tokens_per_s_median"),
+            "steps_per_s": step / wall if step and wall else None,
+            "steps_to_90": steps90,
+            "tokens_to_90": steps90 * t["tokens"] / step if steps90 and t.get("tokens") and step else None,
+            "val": {k: (t.get("final") or {}).get(f"val/acc/{k}") for k in TASKS},
+            "eval": {k: at_len.get(k) for k in TASKS},
+            "eval_ok": bool(at_len) and all((at_len.get(k) or 0) >= TARGET for k in TASKS),
+            "val_loss": (t.get("final") or {}).get("val/loss"),
+        })
+    dense = [x for x in rows if x["arm"] == "dense"]
+    # preferred: the first --mixtures entry (the study's tasks as they are), then the fewest steps to 90%
+    reached = sorted((x for x in dense if x["eval_ok"]),
+                     key=lambda x: (args.mixtures.index(x["mixture"]), x["steps_to_90"] or x["steps"] or 1 << 30,
+                                    x["width"], x["lr"]))
+    best = reached[0] if reached else max(dense, key=lambda x: min(v or 0 for v in x["eval"].values()), default=None)
+    probes = [x for x in rows if x["arm"] != "dense" and x["steps_per_s"]]
+    slow = min(probes, key=lambda x: x["steps_per_s"]) if probes else None
+    basis = slow or (best if best and best["steps_per_s"] else None)
+    budget = None
+    if basis:
+        # GPU time-slicing: a job gets ~1/N of the GPU, so its rate scales with (jobs now) / (jobs in stage A).
+        budget = int(0.85 * (args.stage_a_train_s - args.stage_a_startup_s) * basis["steps_per_s"]
+                     * len(records) / args.stage_a_jobs_per_gpu)
+    need = None
+    if best and reached:
+        need = int(math.ceil(1.5 * (best["steps_to_90"] or best["steps"]) / 250) * 250)
+    steps = min(v for v in (need, budget) if v) if (need or budget) else None
+    suggestion = {
+        "reached": [x["job"] for x in reached], "best": best["job"] if best else None,
+        "steps_needed": need, "steps_budget": budget, "steps": steps,
+        "budget_basis": basis["job"] if basis else None,
+        "set": (best_overrides(best, args) if best else []),
+        "binding": None if steps is None else ("budget" if budget is not None and steps == budget else "needed"),
+    }
+    return {"rows": rows, "suggestion": suggestion, "concurrent_jobs": len(records), "target": TARGET}
+
+
+def best_overrides(best: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    head_dim = TINY_HEAD_DIM if args.tiny else 64
+    return [f"optim.lr={best['lr']}", *width_overrides(best["width"], head_dim), *MIXTURES[best["mixture"]]]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}"
+
+
+def _num(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if x is None else f"{scale * x:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any], args: argparse.Namespace, n_gpus: int) -> str:
+    from spla_lit.eval.report import table
+
+    s = summary["suggestion"]
+    rows = summary["rows"]
+    out = ["# Study stage A: calibration", "",
+           f"{summary['concurrent_jobs']} runs at once on {n_gpus or 'no'} GPU(s) ({args.device}), each with "
+           f"trainer.max_time = {args.train_s - args.startup_s:.0f}s and an LR schedule of {args.max_steps} steps "
+           f"(warmup + cosine; a run cut by max_time has not decayed). Validation every {args.val_every} steps "
+           f"(128 samples, half niah_single, half mqar); eval: {args.num_samples} samples per task at the training "
+           f"length. Target: >= {100 * TARGET:.0f}% exact match on both tasks.", "",
+           table(["run", "lr", "width", "mixture", "status", "steps", "tokens (M)", "tok/s (K)", "median tok/s (K)",
+                  "steps to 90% (val)", "tokens to 90% (M)", "val niah / mqar", "eval niah / mqar", ">= 90%"],
+                 [[f"`{x['job']}`", x.get("lr"), x.get("width"), x.get("mixture"), x["status"], x["steps"],
+                   _num(x["tokens"], 1e-6, 1), _num(x["tokens_per_s"], 1e-3), _num(x["tokens_per_s_median"], 1e-3),
+                   x["steps_to_90"] or "-", _num(x["tokens_to_90"], 1e-6, 1),
+                   f"{_pct(x['val']['niah_single'])} / {_pct(x['val']['mqar'])}",
+                   f"{_pct(x['eval']['niah_single'])} / {_pct(x['eval']['mqar'])}",
+                   "**yes**" if x["eval_ok"] else "no"] for x in rows]), "",
+           "## Suggestion for stage A", "",
+           f"- configs reaching the target: {', '.join(s['reached']) or 'none'}; chosen: {s['best']} "
+           + ("(the first --mixtures entry that reaches it, then the fewest steps to 90%)" if s["reached"] else
+              "(**none reached the target**: the best by min(niah, mqar); stage A would run below it)"),
+           f"- steps needed: 1.5 x the chosen run's steps to 90%, rounded up to 250: {s['steps_needed']}",
+           f"- step budget: 0.85 x ({args.stage_a_train_s:.0f} - {args.stage_a_startup_s:.0f}) s x steps/s of "
+           f"{s['budget_basis']} here x {summary['concurrent_jobs']} jobs here / {args.stage_a_jobs_per_gpu} jobs "
+           f"per GPU in stage A (assumes the GPU is time-sliced evenly between processes): {s['steps_budget']}",
+           f"- suggested: `--steps {s['steps']}` ({s['binding']} binds) "
+           f"`--set {' '.join(s['set'])}`" if s["steps"] else "- no suggestion: nothing was measured", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spla_lit.eval.report import write_json, write_text
+
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "launcher.log")
+    run_root = (args.workdir / f"calib_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+    n_gpus = gpu_count(args.device)
+    impl = default_impl(args.impl, args.device)
+    plan = grid(args)
+    threads = max(1, (os.cpu_count() or 1) // len(plan))
+    extra = (TINY_TRAIN if args.tiny else []) + (CPU_TRAIN if args.device == "cpu" else [])
+    runs = []
+    for i, (name, arm, overrides, _) in enumerate(plan):
+        run_dir = run_root / f"{i:02d}_{name}"
+        argv_ = [sys.executable, "train.py", "experiment=study_a", f"+variant={arm}", "seed=1",
+                 f"trainer.max_steps={args.max_steps}", f"trainer.val_check_interval={args.val_every}",
+                 f"trainer.max_time={max_time(args.train_s - args.startup_s)}", f"impl={impl}",
+                 f"hydra.run.dir={run_dir}", *extra, *overrides, *args.set]
+        runs.append((Job(run_dir.name, argv_, run_dir / "train.out", thread_env(threads)), arm, 1))
+    jobs = [j for j, _, _ in runs]
+    assign_gpus(jobs, min(n_gpus, 1))  # one GPU: the calibration measures the load of one device
+    log(f"calibration: {len(jobs)} runs at once on {'1 GPU' if n_gpus else 'the CPU'}, {threads} CPU thread(s) "
+        f"each, runs in {run_root}")
+    log_setup(log, min(n_gpus, 1))
+    train_len = train_length(args.tiny, args.set)
+    evals = {j.name: eval_job(j, args.device, impl, [
+        f"lengths=[{train_len}]", f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}",
+        f"batch_size={4 if args.tiny else 32}", "perplexity.enabled=false", "fidelity.enabled=false", "plot=false"])
+        for j in jobs}
+    write_commands(args.out / "commands.sh", jobs, list(evals.values()))
+
+    log(f"phase 1: training, deadline {args.train_s:.0f}s")
+    trained = run_jobs(jobs, args.train_s, log)
+    ready = [evals[j.name] for j in jobs if has_checkpoint(j)]
+    log(f"phase 2: evaluation of {len(ready)} runs, deadline {args.eval_s:.0f}s")
+    evaluated = run_jobs(ready, args.eval_s, log)
+
+    log("phase 3: summary")
+    knobs = {j.name: {"knobs": k} for j, (_, _, _, k) in zip(jobs, plan)}
+    records = records_and_archive(runs, trained, evaluated, args.out / "calib_runs.tar.gz", log, extra=knobs,
+                                  concurrent_jobs=len(jobs))
+    summary = summarize(records, args)
+    write_json({**summary, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "records": records}, args.out / "calibration.json")
+    write_text(markdown(summary, args, min(n_gpus, 1)), args.out / "calibration.md")
+    log(f"finished at {log.elapsed():.0f}s; suggestion: {json.dumps(summary['suggestion'])}")
+    print((args.out / "calibration.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""The study's tables: one record per training run, mean and 95% interval over seeds per arm, Markdown and a figure.
+
+A *run record* (:func:`run_record`) is the JSON-able summary of one training job of a sweep: its arm and seed,
+the knobs that size it, its training (steps, tokens, wall time, tokens/s, validation history from TensorBoard)
+and its ``eval.py`` results (``<job>/eval/results.json``: RULER-style exact match per task and length, perplexity
+by position, selection fidelity per layer). :func:`aggregate` groups records by arm and reduces every number over
+the seeds to a mean and a two-sided 95% Student-t interval (:func:`t_interval`); :func:`study_markdown` and
+:func:`plot_study` turn that into the tables and the accuracy-vs-length figure of RESULTS.md
+(``scripts/collect_study.py`` is the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .report import plot_accuracy, table, write_json, write_text
+from .sweep import read_scalars
+
+log = logging.getLogger(__name__)
+
+# Arms in the order of the issue (the order of the tables); other labels follow, sorted.
+ARM_ORDER = ("dense", "taylor2", "taylor1", "random", "no_rla", "joint", "window", "linear")
+ARM_TITLES = {"dense": "dense", "taylor2": "SPLA taylor2", "taylor1": "SPLA taylor1", "random": "SPLA random",
+              "no_rla": "taylor2, no residual", "joint": "SPLA taylor2, combine=joint",
+              "window": "window + linear", "linear": "linear"}
+# Knobs copied from the job's config into its record (dotted keys of the run config).
+CONFIG_KEYS = ("seed", "impl", "data.seq_len", "data.batch_size", "data.vocab_size", "data.mixture",
+               "data.val_mixture", "data.task_kwargs", "model.d_model", "model.n_layers", "model.n_heads",
+               "model.n_kv_heads", "model.head_dim", "sparse.block_size", "sparse.topk", "optim.lr",
+               "optim.warmup_steps", "trainer.max_steps", "trainer.precision")
+
+
+# The evaluation of every run (benchmarks/study/stage_a.py and scripts/collect_study.py): RULER-style exact match at
+# these multiples of the training length, perplexity by position over PPL_X times it, fidelity at the training length.
+LENGTHS_X = (1, 2, 4, 8)
+EVAL_TASKS = ("niah_single", "mqar")
+PPL_X = 8
+
+
+def eval_settings(train_len: int, *, lengths_x: Sequence[int] = LENGTHS_X, num_samples: int = 100,
+                  ppl_x: int = PPL_X, ppl_buckets: int = 8, ppl_samples: int = 16, fidelity_samples: int = 8,
+                  batch_size: int = 32) -> tuple[list[int], list[str]]:
+    """(eval lengths, the other ``eval.py`` overrides) of the study's evaluation of a run trained at ``train_len``
+    tokens; the tasks and the checkpoint are given separately. Batches hold ``batch_size`` rows, at most 64K tokens."""
+    lengths = [train_len * x for x in lengths_x]
+    extra = [f"num_samples={num_samples}", f"perplexity.length={train_len * ppl_x}",
+             f"perplexity.num_buckets={ppl_buckets}", f"perplexity.num_samples={ppl_samples}",
+             f"fidelity.num_samples={fidelity_samples}", f"batch_size={batch_size}", "max_batch_tokens=65536",
+             "plot=false"]
+    return lengths, extra
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def _t_cdf_upper_half(x: float, df: int, n: int = 2000) -> float:
+    """``P(0 <= T <= x)`` for ``x >= 0``: Simpson's rule on ``n`` (even) intervals of Student's t density."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    e = -(df + 1) / 2
+    h = x / n
+    f = [c * (1 + (i * h) ** 2 / df) ** e for i in range(n + 1)]
+    return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+@lru_cache(maxsize=64)
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (``0.5 <= p < 1``) of Student's t distribution with ``df >= 1`` degrees of freedom
+    (bisection on the numerically integrated CDF; ``t_quantile(0.975, 2) = 4.303``)."""
+    if not 0.5 <= p < 1:
+        raise ValueError(f"p must be in [0.5, 1), got {p}")
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    lo, hi = 0.0, 1.0
+    while 0.5 + _t_cdf_upper_half(hi, df) < p:  # bracket
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 + _t_cdf_upper_half(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of ``n`` values and the half-width of its two-sided ``level`` Student-t interval,
+    ``t_{(1 + level) / 2, n - 1} * s / sqrt(n)`` (``s``: sample standard deviation); ``half`` is None for n < 2."""
+
+    mean: float | None
+    half: float | None
+    n: int
+
+    @property
+    def low(self) -> float | None:
+        return None if self.mean is None or self.half is None else self.mean - self.half
+
+    @property
+    def high(self) -> float | None:
+        return None if self.mean is None or self.half is None else self.mean + self.half
+
+
+def t_interval(values: Iterable[float | None], level: float = 0.95) -> Interval:
+    """Mean and ``level`` t-interval half-width of the finite values (None and NaN are skipped)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return Interval(None, None, 0)
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return Interval(mean, None, len(xs))
+    half = t_quantile((1 + level) / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return Interval(mean, half, len(xs))
+
+
+# ------------------------------------------------------------------------------------------ run records
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    return [m.group(1) for m in re.finditer(r"^- (.+)$", path.read_text(), re.M)]
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    for o in overrides:
+        name, _, value = o.lstrip("+~").partition("=")
+        if name == key:
+            return value.strip("'\"")
+    return None
+
+
+def job_config(job_dir: Path) -> dict[str, Any]:
+    """The :data:`CONFIG_KEYS` of the job's ``.hydra/config.yaml`` (plain values; missing keys left out)."""
+    from omegaconf import OmegaConf
+
+    path = job_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    cfg = OmegaConf.load(path)
+    out: dict[str, Any] = {}
+    for key in CONFIG_KEYS:
+        try:
+            value = OmegaConf.select(cfg, key, default=None)
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except Exception as e:  # an interpolation that only resolves inside a Hydra run
+            log.debug("%s: %s not resolved (%s)", job_dir, key, e)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _train_summary(scalars: Mapping[str, list[tuple[int, float, float]]], config: Mapping[str, Any],
+                   global_step: int | None) -> dict[str, Any]:
+    """Steps, tokens, wall time, throughput, final metrics and the validation history of one run."""
+    if not scalars:
+        return {"status": "no training logs"}
+    steps = [s for events in scalars.values() for s, _, _ in events]
+    times = [t for events in scalars.values() for _, t, _ in events]
+    step = global_step if global_step is not None else max(steps)
+    tokens = step * int(config.get("data.batch_size", 0)) * int(config.get("data.seq_len", 0)) or None
+    wall = max(times) - min(times)
+    logged = [v for _, _, v in scalars.get("train/tokens_per_s", [])]
+    # validation metrics and the layer means of the fidelity callback (not its per-layer tags)
+    kept = {tag: events for tag, events in scalars.items()
+            if events and (tag.startswith("val/") or (tag.startswith("fidelity/") and tag.count("/") == 1))}
+    final = {tag: events[-1][2] for tag, events in kept.items()}
+    if scalars.get("train/loss"):
+        final["train/loss"] = scalars["train/loss"][-1][2]
+    # Lightning logs a validation inside training at step global_step - 1 (its counter of stepped batches is
+    # advanced after the batch's hooks, validation included): the history is keyed by optimizer steps.
+    history: dict[int, dict[str, float]] = {}
+    for tag, events in kept.items():
+        for s, _, v in events:
+            history.setdefault(s + 1, {})[tag] = v
+    max_steps = config.get("trainer.max_steps")
+    return {"status": "ok" if max_steps is None or step >= max_steps else "cut",
+            "global_step": step, "max_steps": max_steps, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall if tokens and wall > 0 else None,
+            "tokens_per_s_median": statistics.median(logged) if logged else None,
+            "final": final, "val_history": [{"step": s, **history[s]} for s in sorted(history)]}
+
+
+def run_record(job_dir: str | Path, arm: str | None = None, seed: int | None = None) -> dict[str, Any]:
+    """The record of one training job (see the module doc): JSON-able, self-contained.
+
+    ``arm`` defaults to the job's ``+variant=`` override and ``seed`` to its config's ``seed``.
+    """
+    job_dir = Path(job_dir)
+    overrides = _overrides(job_dir)
+    config = job_config(job_dir)
+    results_path = job_dir / "eval" / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    arm = arm or _override_value(overrides, "variant") or (results or {}).get("model", {}).get("label") or job_dir.name
+    seed = seed if seed is not None else config.get("seed")
+    global_step = (results or {}).get("model", {}).get("global_step")
+    ckpt = job_dir / "checkpoints" / "last.ckpt"
+    if global_step is None and ckpt.is_file():
+        import torch
+
+        global_step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    return {"job": job_dir.name, "arm": arm, "seed": seed, "overrides": overrides, "config": config,
+            "train": _train_summary(read_scalars(job_dir), config, global_step), "eval": results}
+
+
+def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Run records from JSON files, folders of them (searched recursively for ``*.json`` with an ``arm``) or
+    ``.tar.gz`` archives (the launcher's ``study_a_runs.tar.gz``)."""
+    import tarfile
+
+    records = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(path.rglob("*.json"))
+            found = [json.loads(f.read_text()) for f in files]
+        elif path.name.endswith((".tar.gz", ".tgz")):
+            with tarfile.open(path) as tar:
+                found = [json.load(tar.extractfile(m)) for m in sorted(tar.getmembers(), key=lambda m: m.name)
+                         if m.isfile() and m.name.endswith(".json")]
+        elif path.is_file():
+            found = [json.loads(path.read_text())]
+        else:
+            raise FileNotFoundError(f"no run records at {str(path)!r}")
+        records += [r for r in found if isinstance(r, dict) and "arm" in r and "train" in r]
+    return records
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def _arm_key(arm: str) -> tuple[int, str]:
+    return (ARM_ORDER.index(arm), arm) if arm in ARM_ORDER else (len(ARM_ORDER), arm)
+
+
+def _stat(values: Iterable[float | None]) -> dict[str, Any]:
+    return asdict(t_interval(values))
+
+
+def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per arm: mean and 95% t-interval over its runs (seeds) of every table's numbers.
+
+    Returns ``{"lengths": [...], "tasks": [...], "arms": {arm: {"seeds", "runs", "average": {length: stat},
+    "per_task": {length: {task: stat}}, "fidelity": {layer: {metric: stat}}, "fidelity_mean": {metric: stat},
+    "perplexity": {"buckets": [{"start", "end", "ppl": stat, "loss": stat}], "length", "ppl": stat},
+    "train": {key: stat}}}}`` where a stat is ``{"mean", "half", "n"}`` (accuracies as fractions).
+    """
+    by_arm: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_arm.setdefault(str(r["arm"]), []).append(r)
+    evals = [r["eval"] for r in records if r.get("eval")]
+    lengths = sorted({int(n) for e in evals for n in e["ruler"]["average"]})
+    tasks = sorted({t for e in evals for per in e["ruler"]["per_task"].values() for t in per})
+    arms: dict[str, Any] = {}
+    for arm in sorted(by_arm, key=_arm_key):
+        runs = sorted(by_arm[arm], key=lambda r: (r.get("seed") is None, r.get("seed")))
+        ev = [r["eval"] for r in runs if r.get("eval")]
+        out: dict[str, Any] = {"seeds": [r.get("seed") for r in runs], "runs": [r["job"] for r in runs],
+                               "evaluated": len(ev)}
+        out["average"] = {str(n): _stat(e["ruler"]["average"].get(str(n)) for e in ev) for n in lengths}
+        out["per_task"] = {str(n): {t: _stat(e["ruler"]["per_task"].get(str(n), {}).get(t) for e in ev)
+                                    for t in tasks} for n in lengths}
+        fids = [e["fidelity"] for e in ev if (e.get("fidelity") or {}).get("layers")]
+        if fids:
+            layers = sorted({int(k) for f in fids for k in f["layers"]})
+            metrics = sorted({m for f in fids for layer in f["layers"].values() for m in layer})
+            out["fidelity"] = {str(i): {m: _stat(f["layers"].get(str(i), {}).get(m) for f in fids) for m in metrics}
+                               for i in layers}
+            out["fidelity_mean"] = {m: _stat(f["mean"].get(m) for f in fids) for m in metrics}
+        ppls = [e["perplexity"] for e in ev if e.get("perplexity")]
+        if ppls:
+            edges = [(b["start"], b["end"]) for b in ppls[0]["buckets"]]
+            same = [p for p in ppls if [(b["start"], b["end"]) for b in p["buckets"]] == edges]
+            out["perplexity"] = {"length": ppls[0]["length"], "ppl": _stat(p["ppl"] for p in same),
+                                 "buckets": [{"start": s, "end": e, "ppl": _stat(p["buckets"][i]["ppl"] for p in same),
+                                              "loss": _stat(p["buckets"][i]["loss"] for p in same)}
+                                             for i, (s, e) in enumerate(edges)]}
+        trains = [r["train"] for r in runs]
+        out["train"] = {k: _stat(t.get(k) for t in trains)
+                        for k in ("global_step", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_median")}
+        for k in ("val/loss", "val/exact_match", "val/acc/niah_single", "val/acc/mqar"):
+            out["train"][k] = _stat((t.get("final") or {}).get(k) for t in trains)
+        out["train"]["cut"] = sum(t.get("status") == "cut" for t in trains)
+        out["train"]["failed"] = sum(t.get("status") not in ("ok", "cut") for t in trains) + len(runs) - len(ev)
+        arms[arm] = out
+    return {"lengths": lengths, "tasks": tasks, "arms": arms, "num_runs": len(records)}
+
+
+# ------------------------------------------------------------------------------------------ Markdown
+
+
+def fmt_stat(stat: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± half`` for a table cell (``mean`` alone for one run, ``-`` for none)."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    mean = f"{scale * stat['mean']:.{digits}f}"
+    return mean if stat.get("half") is None else f"{mean} ± {scale * stat['half']:.{digits}f}"
+
+
+def _length_label(n: int, train_len: int | None) -> str:
+    k = f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+    return f"{k} ({n // train_len}x)" if train_len and n % train_len == 0 else k
+
+
+def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], title: str = "Study") -> str:
+    """The study's Markdown tables from :func:`aggregate`'s ``summary`` and the run records."""
+    arms, lengths, tasks = summary["arms"], summary["lengths"], summary["tasks"]
+    first = next((r for r in records if r.get("eval")), records[0] if records else {})
+    cfg, ev = first.get("config", {}), (first.get("eval") or {})
+    train_len = cfg.get("data.seq_len")
+    heads = [_length_label(n, train_len) for n in lengths]
+    names = {a: ARM_TITLES.get(a, a) for a in arms}
+    seeds = sorted({s for a in arms.values() for s in a["seeds"] if s is not None})
+    ruler, meta = ev.get("ruler") or {}, ev.get("eval") or {}
+    mixture = {k: v for k, v in (cfg.get("data.mixture") or {}).items() if v}  # weight-0 tasks are off
+    if cfg.get("data.task_kwargs"):
+        mixture["task_kwargs"] = cfg["data.task_kwargs"]
+    out = [f"# {title}", "",
+           f"{summary['num_runs']} runs: {len(arms)} arms x seeds {seeds}. Training length {train_len}, batch "
+           f"{cfg.get('data.batch_size')}, d_model {cfg.get('model.d_model')}, {cfg.get('model.n_layers')} layers, "
+           f"lr {cfg.get('optim.lr')}, mixture {mixture}; block {cfg.get('sparse.block_size')}, "
+           f"topk {cfg.get('sparse.topk')}. " + (
+               f"Evaluation: {ruler.get('num_samples')} samples per task and length (sample seed {ruler.get('seed')}, "
+               f"the same for every run), {meta.get('device')}, {meta.get('precision')}, impl {meta.get('impl')}."
+               if ruler else "**No run has evaluation results.**"), "",
+           "Cells: mean over seeds ± the half-width of the two-sided 95% Student-t interval, "
+           "t(0.975, n-1) * s / sqrt(n) (s: sample standard deviation over the n seeds); no ± for a single run.", ""]
+    out += ["## Exact match (%), mean over tasks", "",
+            table(["arm", "runs"] + heads,
+                  [[names[a], v["evaluated"]] + [fmt_stat(v["average"].get(str(n)), 100) for n in lengths]
+                   for a, v in arms.items()]), ""]
+    for task in tasks:
+        out += [f"### {task} (%)", "",
+                table(["arm"] + heads, [[names[a]] + [fmt_stat(v["per_task"][str(n)].get(task), 100) for n in lengths]
+                                        for a, v in arms.items()]), ""]
+    fid_arms = {a: v for a, v in arms.items() if "fidelity" in v}
+    if fid_arms:
+        fid = next(iter(fid_arms.values()))
+        flen = next((r["eval"]["fidelity"].get("length") for r in records
+                     if r.get("eval") and (r["eval"].get("fidelity") or {}).get("layers")), None)
+        layers = list(fid["fidelity"])
+        out += [f"## Selection fidelity per layer ({flen} tokens; spla_lit/eval/fidelity.py)", "",
+                "recall: share of the oracle's free top-k blocks the scorer picked; mass share: exact softmax mass "
+                "in the selected blocks (oracle: the best this topk can reach); residual err < 1: the residual "
+                "moves the output toward dense attention.", ""]
+        for metric, digits in (("recall", 3), ("mass_share", 3), ("oracle_mass_share", 3), ("residual_err", 2)):
+            out += [f"### {metric}", "",
+                    table(["arm"] + [f"layer {i}" for i in layers] + ["mean"],
+                          [[names[a]] + [fmt_stat(v["fidelity"].get(i, {}).get(metric), 1, digits) for i in layers]
+                           + [fmt_stat(v["fidelity_mean"].get(metric), 1, digits)] for a, v in fid_arms.items()]), ""]
+    ppl_arms = {a: v for a, v in arms.items() if "perplexity" in v}
+    if ppl_arms:
+        p0 = next(iter(ppl_arms.values()))["perplexity"]
+        out += [f"## Perplexity by position ({p0['length']} held-out tokens of the training mixture)", "",
+                table(["arm", "all"] + [f"{b['start']}-{b['end'] - 1}" for b in p0["buckets"]],
+                      [[names[a], fmt_stat(v["perplexity"]["ppl"], 1, 2)]
+                       + [fmt_stat(b["ppl"], 1, 2) for b in v["perplexity"]["buckets"]] for a, v in ppl_arms.items()]),
+                ""]
+    out += ["## Training", "",
+            "tokens/s: training tokens over the run's wall time (validation included) with the other runs of the "
+            "launch sharing the GPU; median logged: the Throughput callback's 10-step window, validation excluded.",
+            "",
+            table(["arm", "steps", "tokens (M)", "tokens/s (K)", "median logged (K)", "wall s", "val loss",
+                   "val exact match (%)", "cut / failed"],
+                  [[names[a], fmt_stat(v["train"]["global_step"], 1, 0), fmt_stat(v["train"]["tokens"], 1e-6, 1),
+                    fmt_stat(v["train"]["tokens_per_s"], 1e-3, 0), fmt_stat(v["train"]["tokens_per_s_median"], 1e-3, 0),
+                    fmt_stat(v["train"]["wall_s"], 1, 0), fmt_stat(v["train"]["val/loss"], 1, 3),
+                    fmt_stat(v["train"]["val/exact_match"], 100), f"{v['train']['cut']} / {v['train']['failed']}"]
+                   for a, v in arms.items()]), ""]
+    out += ["## Runs", "",
+            table(["job", "arm", "seed", "status", "steps", "eval"],
+                  [[f"`{r['job']}`", r["arm"], r.get("seed"), r["train"].get("status"), r["train"].get("global_step"),
+                    "yes" if r.get("eval") else "**missing**"] for r in records]), ""]
+    return "\n".join(out)
+
+
+def plot_study(summary: Mapping[str, Any], path: str | Path, title: str = "") -> Path | None:
+    """Exact match (mean over tasks, %) vs context length per arm, with the 95% interval as a band.
+    None (and a logged message) without matplotlib."""
+    series: dict[str, dict[str, float]] = {}
+    bands: dict[str, dict[str, tuple[float, float]]] = {}
+    for arm, v in summary["arms"].items():
+        name = ARM_TITLES.get(arm, arm)
+        stats = {n: s for n, s in v["average"].items() if s.get("mean") is not None}
+        if stats:
+            series[name] = {n: s["mean"] for n, s in stats.items()}
+            bands[name] = {n: (s["mean"] - s["half"], s["mean"] + s["half"]) for n, s in stats.items()
+                           if s.get("half") is not None}
+    if not series:
+        log.warning("no run has evaluation results: no figure")
+        return None
+    return plot_accuracy(series, path, title=title, bands=bands)
+
+
+def record_name(record: Mapping[str, Any]) -> str:
+    """File stem of a run record: ``<arm>_s<seed>`` (the job name when the seed is unknown)."""
+    seed = record.get("seed")
+    return f"{record['arm']}_s{seed}" if seed is not None else str(record["job"])
+
+
+def collect_study(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "study_a",
+                  title: str | None = None, plot: bool = True, write_runs: bool = True) -> dict[str, Any]:
+    """Write ``<out>/<name>.md`` (tables), ``<name>.json`` (the aggregate), ``<name>.png`` (figure, with
+    matplotlib) and, with ``write_runs``, every record as ``<out>/runs/<arm>_s<seed>.json``."""
+    if not records:
+        raise ValueError("records: no run records to collect")
+    out = Path(out_dir)
+    records = sorted(records, key=lambda r: (_arm_key(str(r["arm"])), r.get("seed") is None, r.get("seed"), r["job"]))
+    if write_runs:
+        stems = [record_name(r) for r in records]
+        if len(set(stems)) != len(stems):
+            stems = [f"{s}_{r['job']}" for s, r in zip(stems, records)]
+        for stem, r in zip(stems, records):
+            write_json(r, out / "runs" / f"{stem}.json")
+    summary = aggregate(records)
+    write_json(summary, out / f"{name}.json")
+    write_text(study_markdown(summary, records, title or f"Study: {name}"), out / f"{name}.md")
+    if plot:
+        plot_study(summary, out / f"{name}.png", title=f"{name}: exact match vs length (95% t-interval over seeds)")
+    log.info("wrote %s", out / f"{name}.md")
+    return summary
+
+
+__all__ = ["Interval", "aggregate", "collect_study", "eval_settings", "load_records", "plot_study", "run_record",
+           "study_markdown", "t_interval", "t_quantile"]

@@ -1,0 +1,93 @@
+"""The study launchers (benchmarks/study/): concurrent jobs with a deadline, and a tiny CPU run of each launcher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from hydra_utils import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
+
+from _launch import Job, max_time, run_jobs, width_overrides  # noqa: E402
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_run_jobs_reports_failures_and_stops_jobs_at_the_deadline(tmp_path):
+    lines: list[str] = []
+    jobs = [Job("ok", _py("print('fine')"), tmp_path / "ok.out"),
+            Job("bad", _py("import sys; print('boom'); sys.exit(3)"), tmp_path / "bad.out"),
+            Job("slow", _py("import time; time.sleep(60)"), tmp_path / "slow.out"),
+            Job("late", _py("print('never')"), tmp_path / "late.out")]
+    out = run_jobs(jobs, deadline_s=8.0, log=lines.append, max_parallel=3, grace_s=1.0)
+    assert out["ok"].ok and out["ok"].rc == 0 and (tmp_path / "ok.out").read_text() == "fine\n"
+    assert out["bad"].rc == 3 and not out["bad"].ok
+    assert out["slow"].timed_out and not out["slow"].ok and out["slow"].wall_s < 30
+    # "late" waited for a free slot; it starts once "ok" or "bad" ended and finishes before the deadline
+    assert out["late"].ok
+    text = "\n".join(lines)
+    assert "FAILED bad (exit 3" in text and "boom" in text and "DEADLINE: stopping slow" in text
+
+
+def test_run_jobs_never_starts_what_does_not_fit_before_the_deadline(tmp_path):
+    lines: list[str] = []
+    jobs = [Job("slow", _py("import time; time.sleep(60)"), tmp_path / "slow.out"),
+            Job("queued", _py("pass"), tmp_path / "queued.out")]
+    out = run_jobs(jobs, deadline_s=1.0, log=lines.append, max_parallel=1, grace_s=1.0)
+    assert out["queued"].rc is None and not out["queued"].ok
+    assert any("queued never started" in line for line in lines)
+
+
+def test_width_overrides_and_max_time():
+    assert width_overrides(384, 64) == ["model.d_model=384", "model.n_heads=6", "model.n_kv_heads=3",
+                                        "model.head_dim=64"]
+    assert width_overrides(48, 16)[1:3] == ["model.n_heads=3", "model.n_kv_heads=3"]
+    with pytest.raises(SystemExit, match="multiple"):
+        width_overrides(100, 64)
+    assert max_time(395.7) == "00:00:06:35" and max_time(0) == "00:00:00:01"
+
+
+@pytest.mark.slow
+def test_stage_a_launcher_tiny_cpu_run(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/study/stage_a.py", "--tiny", "--device", "cpu", "--arms", "dense", "no_rla",
+         "--seeds", "1", "--steps", "2", "--num-samples", "2", "--lengths-x", "1", "2", "--train-s", "300",
+         "--startup-s", "10", "--eval-s", "300", "--out", str(out), "--workdir", str(tmp_path / "runs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {"launcher.log", "commands.sh", "study_a_runs.tar.gz", "study_a.md",
+                                               "study_a.json"}
+    with tarfile.open(out / "study_a_runs.tar.gz") as tar:
+        names = tar.getnames()
+        record = json.load(tar.extractfile("runs/01_no_rla_s1.json"))
+    assert "logs/00_dense_s1.train.log" in names
+    assert record["arm"] == "no_rla" and record["train"]["global_step"] == 2
+    assert set(record["eval"]["ruler"]["average"]) == {"128", "256"}
+    assert record["eval"]["fidelity"]["layers"] and record["launcher"]["train"]["rc"] == 0
+    assert "+variant=no_rla" in (out / "commands.sh").read_text()
+
+
+@pytest.mark.slow
+def test_calibration_launcher_tiny_cpu_run(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/study/calibrate.py", "--tiny", "--device", "cpu", "--lrs", "1e-3",
+         "--widths", "32", "--mixtures", "easy", "--probe", "--max-steps", "2", "--val-every", "1",
+         "--num-samples", "2", "--train-s", "300", "--startup-s", "10", "--eval-s", "300", "--out", str(out),
+         "--workdir", str(tmp_path / "runs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "calibration.json").read_text())
+    (row,) = summary["rows"]
+    assert row["mixture"] == "easy" and row["steps"] == 2 and set(row["eval"]) == {"niah_single", "mqar"}
+    record = summary["records"][0]
+    assert record["config"]["data.task_kwargs"] == {"mqar": {"num_pairs": 8, "num_queries": 4}}
+    assert [h["step"] for h in record["train"]["val_history"]] == [1, 2]  # optimizer steps, not TensorBoard's
+    assert "Suggestion for stage A" in (out / "calibration.md").read_text()
