@@ -19,7 +19,8 @@ In order, each result in the same run:
 4. prefill at 128K (B = 1): the attention op of one layer (section 2's shapes) and the whole model, SPLA
    (training kernels on an empty cache) against dense.
 
-Times are medians of CUDA-event timings. Writes ``results.json`` and ``results.md`` to ``--out``.
+Times are medians of CUDA-event timings. Writes ``results.json`` and ``results.md`` to ``--out``, rewritten after
+every section (a run stopped part way keeps the sections it finished).
 """
 
 from __future__ import annotations
@@ -425,6 +426,8 @@ def markdown(res: dict) -> str:
                      f"{spla['best_tokens_per_s'] / dense['best_tokens_per_s']:.2f}x (dense eager reads exactly the "
                      "rows' length with SDPA flash; a graph step reads the whole capacity, masked)")
     p = res["prefill"]
+    if not p:
+        return "\n".join([*lines, ""])
     lines += ["", f"## Prefill at {p['context']} tokens (B = 1)", "",
               f"- attention op (Hq {res['config']['hq']}, Hkv {res['config']['hkv']}, D {res['config']['d']}): "
               f"SPLA {p['op_spla_ms']:.1f} ms, dense SDPA {p['op_dense_ms']:.1f} ms -> {p['op_speedup']:.1f}x",
@@ -458,19 +461,28 @@ def main(argv=None) -> dict:
                        triton=triton.__version__, impl=args.impl, dtype=str(dtype)),
            "config": {k: v for k, v in c.items() if k != "model"} | {"model": c["model"]}}
     t0 = time.perf_counter()
-    res["check"] = check(c, device, dtype, args.impl)
-    res["copy_bw"] = copy_bandwidth(device, timer)
-    sections = set(args.sections.split(","))
-    res["attention"], res["nsa"] = attention_decode(c, device, dtype, args.impl, timer, res["copy_bw"]) \
-        if "attention" in sections else ([], "not run")
-    res["model"] = model_decode(c, device, dtype, args.impl, timer) if "model" in sections else []
-    res["prefill"] = prefill(c, device, dtype, args.impl, timer) if "prefill" in sections else {}
-    res["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
-    if res["attention"] and res["model"] and res["prefill"]:
+    sections = set(args.sections.split(","))
+    res.update(attention=[], nsa="not run", model=[], prefill={})
+
+    def save() -> None:  # after every section: a run stopped part way keeps what it measured
+        res["wall_s"] = time.perf_counter() - t0
+        write_atomic(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
         write_atomic(out / "results.md", markdown(res))
+
+    res["check"] = check(c, device, dtype, args.impl)
+    res["copy_bw"] = copy_bandwidth(device, timer)
+    save()
+    if "attention" in sections:
+        res["attention"], res["nsa"] = attention_decode(c, device, dtype, args.impl, timer, res["copy_bw"])
+        save()
+    if "model" in sections:
+        res["model"] = model_decode(c, device, dtype, args.impl, timer)
+        save()
+    if "prefill" in sections:
+        res["prefill"] = prefill(c, device, dtype, args.impl, timer)
+        save()
     log(f"done in {res['wall_s']:.0f} s; wrote {out / 'results.json'}")
     return res
 
