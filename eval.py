@@ -4,6 +4,7 @@
     python eval.py ckpt_path=<run dir> lengths=[512,1024] num_samples=20 tasks=[niah_single,variable_tracking]
     python eval.py ckpt_path=... device=cuda impl=triton lengths=[4096,16384,65536]
     python eval.py ckpt_path=... override.sparse.topk=8      # evaluate with another topk (weights unchanged)
+    python eval.py ckpt_path=... decode=generate             # also score by greedy generation (KV cache)
 
 Writes results.json, results.md and accuracy.png to output_dir; see conf/eval.yaml for every option.
 """

@@ -94,7 +94,11 @@ def eval_markdown(results: Mapping[str, Any]) -> str:
            f"- overrides: {', '.join(f'{k}={v}' for k, v in e['overrides'].items()) or 'none'}",
            f"- device: {e['device']}, precision: {e['precision']}, impl: {e['impl']}, eval seed: {e['seed']}", "",
            f"## RULER-style exact match (%), {results['ruler']['num_samples']} samples per task and length "
-           f"(sample seed {results['ruler']['seed']})", "", ruler_table(results["ruler"]), ""]
+           f"(sample seed {results['ruler']['seed']}), teacher-forced", "", ruler_table(results["ruler"]), ""]
+    gen = results.get("ruler_generate")
+    if gen:
+        out += [f"## RULER-style exact match (%), generated: every answer decoded greedily with the KV cache "
+                f"(no teacher forcing), {gen['num_samples']} samples per task and length", "", ruler_table(gen), ""]
     ppl = results.get("perplexity")
     if ppl:
         out += [f"## Next-token loss and perplexity by position ({ppl['num_samples']} held-out sequences of "

@@ -1,8 +1,14 @@
 """The RULER-style synthetic suite: exact match per task and context length, and the evaluation seeds.
 
-Samples come from ``spla_lit.data`` (generated locally, no download). A sample is right when every
-answer token is predicted exactly under teacher forcing (argmax at each answer position), which equals
-greedy decoding's exact match because the answer tokens are the last ones the model conditions on.
+Samples come from ``spla_lit.data`` (generated locally, no download). Two ways to score a sample
+(``eval.py decode=...``), both exact match over every answer token:
+
+* ``teacher_forced``: the argmax at each answer position, the reference answer tokens before it given.
+* ``generate``: real greedy generation with the KV cache (``spla_lit.inference.fill_greedy``): the prompt
+  up to the first answer token is prefilled, then every answer token is decoded from the model's own earlier
+  answer tokens (multi-token answers, no teacher forcing); the non-answer tokens of the query section
+  (markers, separators, further queries) are given, since they are inputs, not answers.
+
 As RULER does, the score of a length is the mean over tasks of the per-task exact-match rate.
 
 Seed streams. Training draws sample ``i`` from ``numpy.random.default_rng([seed, i])`` and validation
@@ -24,7 +30,9 @@ from torch import nn
 from ..config import ConfigError
 from ..data import RULER_TASKS, TASKS, VAL_SEED_OFFSET, eval_dataloader, make_task
 from ..data.vocab import Vocab
+from ..inference import fill_greedy
 from .progress import EvalProgress
+from .text_tasks import DECODES
 
 EVAL_SEED_BASE = 2_000_000_011
 # The suite of the issue / RULER (MQAR can be added: tasks=[...,mqar]).
@@ -82,17 +90,28 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def task_exact_match(net: nn.Module, task: str, length: int, num_samples: int, seed: int, *,
                      batch_size: int, device: torch.device, precision: str = "fp32", vocab_size: int = 512,
                      language_seed: int = 0, task_kwargs: Mapping[str, Any] | None = None,
-                     progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """(samples right, samples) of ``num_samples`` samples of ``task`` at model input length ``length``;
-    ``progress(tokens)`` is called after each batch."""
+                     decode: str = "teacher_forced", progress: Callable[[int], None] | None = None
+                     ) -> tuple[int, int]:
+    """(samples right, samples) of ``num_samples`` samples of ``task`` at model input length ``length``,
+    scored by ``decode`` (``teacher_forced`` | ``generate``, see the module docstring); ``progress(tokens)`` is
+    called after each batch."""
+    if decode not in DECODES:
+        raise ConfigError(f"decode: unknown value {decode!r}; expected one of {', '.join(DECODES)}")
     loader = eval_dataloader(task, length, num_samples, seed, batch_size=batch_size, vocab_size=vocab_size,
                              language_seed=language_seed, task_kwargs=task_kwargs)
     right = total = 0
     for batch in loader:
         ids, labels, answer = (batch[k].to(device) for k in ("input_ids", "labels", "answer_mask"))
-        with autocast(device, precision):
-            logits = net(ids)
-        ok = ((logits.argmax(-1) == labels) | ~answer).all(-1) & answer.any(-1)
+        if decode == "generate":
+            tokens = torch.cat([ids, labels[:, -1:]], 1)  # the whole sample: tokens[i + 1] == labels[i]
+            fill = torch.cat([torch.zeros_like(answer[:, :1]), answer], 1)
+            with autocast(device, precision):
+                out = fill_greedy(net, tokens, fill)
+            ok = ((out == tokens) | ~fill).all(-1) & fill.any(-1)
+        else:
+            with autocast(device, precision):
+                logits = net(ids)
+            ok = ((logits.argmax(-1) == labels) | ~answer).all(-1) & answer.any(-1)
         right += int(ok.sum())
         total += ids.shape[0]
         if progress is not None:
@@ -103,12 +122,14 @@ def task_exact_match(net: nn.Module, task: str, length: int, num_samples: int, s
 def run_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_samples: int, eval_seed: int, *,
               batch_size: int, max_batch_tokens: int | None, device: torch.device, precision: str,
               vocab_size: int, language_seed: int, task_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              log: Any = None, progress: EvalProgress | None = None) -> dict[str, Any]:
-    """Exact match per (length, task) and the per-length average over tasks (RULER's score); ``progress``
-    shows the (task, length) being run and counts its tokens.
+              log: Any = None, progress: EvalProgress | None = None, decode: str = "teacher_forced"
+              ) -> dict[str, Any]:
+    """Exact match per (length, task) and the per-length average over tasks (RULER's score), scored by
+    ``decode`` (``teacher_forced`` | ``generate``); ``progress`` shows the (task, length) being run and counts
+    its tokens.
 
     Returns ``{"per_task": {length: {task: accuracy}}, "average": {length: accuracy}, "overall": mean of
-    the averages, "num_samples": ..., "seed": sample seed}`` with lengths as strings (JSON keys).
+    the averages, "num_samples": ..., "seed": sample seed, "decode": decode}`` with lengths as strings (JSON keys).
     """
     seed = ruler_seed(eval_seed)
     per_task: dict[str, dict[str, float]] = {}
@@ -121,12 +142,13 @@ def run_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_
                 progress.stage(f"{task} @ {length}")
             right, total = task_exact_match(net, task, length, num_samples, seed, batch_size=rows, device=device,
                                             precision=precision, vocab_size=vocab_size,
-                                            language_seed=language_seed, task_kwargs=kwargs,
+                                            language_seed=language_seed, task_kwargs=kwargs, decode=decode,
                                             progress=None if progress is None else progress.advance)
             scores[task] = right / total
             if log is not None:
-                log.info("length %6d  %-18s exact match %.3f (%d/%d)", length, task, right / total, right, total)
+                log.info("length %6d  %-18s %s exact match %.3f (%d/%d)", length, task, decode, right / total, right,
+                         total)
         per_task[str(length)] = scores
     average = {length: sum(s.values()) / len(s) for length, s in per_task.items()}
     return {"per_task": per_task, "average": average, "overall": sum(average.values()) / len(average),
-            "num_samples": num_samples, "seed": seed}
+            "num_samples": num_samples, "seed": seed, "decode": decode}

@@ -15,10 +15,9 @@ prompt, then the answer. Formats (``<filler>``: held-out tokens from a random of
 
 (word lists: ranked by count, then first appearance). Scoring: ``decode=teacher_forced`` marks a sample right when
 the argmax at every answer position is the answer token (equal to greedy decoding's exact match, since the
-answer is the end of the sequence); ``decode=generate`` decodes greedily from the prompt and compares the tokens
-(:func:`greedy_generate`: the full-prefix reference loop until the inference cache, issue 10, provides
-``DecoderLM.generate``). Samples of ``eval_seed`` come from ``numpy.random.default_rng([ruler_seed(eval_seed),
-task, length, i])``.
+answer is the end of the sequence); ``decode=generate`` decodes greedily from the prompt with the KV cache
+(:func:`greedy_generate`, i.e. ``DecoderLM.generate``) and compares the tokens. Samples of ``eval_seed`` come
+from ``numpy.random.default_rng([ruler_seed(eval_seed), task, length, i])``.
 """
 
 from __future__ import annotations
@@ -219,14 +218,23 @@ class TextTaskDataset(Dataset):
 
 
 @torch.inference_mode()
-def greedy_generate(net: nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy continuation ``[B, max_new_tokens]`` of ``prompt`` [B, P]: the reference loop, one full forward of
-    the growing sequence per token (exact; quadratic). TODO(issue 10): call ``net.generate`` (the inference
-    cache) here once ``DecoderLM`` has it."""
-    ids = prompt
-    for _ in range(max_new_tokens):
-        ids = torch.cat([ids, net(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[:, prompt.shape[1]:]
+def greedy_generate(net: nn.Module, prompt: torch.Tensor, max_new_tokens: int, *,
+                    prompt_lengths: list[int] | None = None) -> torch.Tensor:
+    """Greedy continuation ``[B, max_new_tokens]`` of ``prompt`` [B, P], row b's prompt being its first
+    ``prompt_lengths[b]`` tokens (None: all P): :func:`spla_lit.inference.generate` (``DecoderLM.generate``: ragged
+    prefill, then one token per row through the KV cache). A module without a cache (``new_cache``: a test stub)
+    gets the full-prefix loop instead, one row at a time (exact, quadratic)."""
+    if hasattr(net, "new_cache"):
+        from ..inference import generate
+
+        return generate(net, prompt, max_new_tokens, prompt_lengths=prompt_lengths, temperature=0.0)
+    rows = []
+    for b, n in enumerate(prompt_lengths or [prompt.shape[1]] * prompt.shape[0]):
+        ids = prompt[b:b + 1, :n]
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, net(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        rows.append(ids[0, n:])
+    return torch.stack(rows)
 
 
 @torch.inference_mode()
@@ -239,19 +247,16 @@ def text_exact_match(net: nn.Module, dataset: TextTaskDataset, *, batch_size: in
         raise ConfigError(f"decode: unknown value {decode!r}; expected one of {', '.join(DECODES)}")
     context = autocast or contextlib.nullcontext
     right = 0
-    if decode == "generate":  # prompts differ in length: one at a time
-        for i in range(len(dataset)):
-            item = dataset[i]
-            p = int(item["prompt_len"])
-            prompt = item["input_ids"][:p][None].to(device)
-            answer = item["labels"][item["answer_mask"]].to(device)
-            with context():
-                out = greedy_generate(net, prompt, len(answer))
-            right += int(torch.equal(out[0], answer))
-        return right, len(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
         ids, labels, answer = (batch[k].to(device) for k in ("input_ids", "labels", "answer_mask"))
+        if decode == "generate":  # ragged prompts (each row up to its answer) in one batch
+            starts = batch["prompt_len"].tolist()
+            sizes = answer.sum(-1).tolist()
+            with context():
+                out = greedy_generate(net, ids, max(sizes), prompt_lengths=starts)
+            right += sum(int(torch.equal(out[b, :n], labels[b][answer[b]])) for b, n in enumerate(sizes))
+            continue
         with context():
             logits = net(ids)
         right += int((((logits.argmax(-1) == labels) | ~answer).all(-1) & answer.any(-1)).sum())

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .. import ops
+from ..inference.cache import LayerCache, LayerCacheSpec
 from ..ops.utils import sequence_ids
 from ..options import IMPLS, POSITIVE_FEATURE_MAPS, Selection, check_choice, check_positive_int
 from .norm import RMSNorm
@@ -140,11 +141,16 @@ class SPLAAttention(_Projections):
         self._capture_hooks[handle.id] = hook
         return handle
 
-    def forward(self, x: torch.Tensor, rope=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, d_model] -> [B, N, d_model]; rope: (cos, sin) tables; cu_seqlens: packed rows (B == 1)."""
+    def _inputs(self, x: torch.Tensor, rope) -> tuple:
+        """q, k, v, the op's residual keyword arguments and the scorer's generator for layer input x."""
         q, k, v = self.qkv(x, rope)
         residual = {"rla": "none"} if self.rla is None else self.rla.op_inputs(x, q, k)
         generator = None if self.scorer is None else self.scorer.generator(q.device)
+        return q, k, v, residual, generator
+
+    def forward(self, x: torch.Tensor, rope=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, d_model] -> [B, N, d_model]; rope: (cos, sin) tables; cu_seqlens: packed rows (B == 1)."""
+        q, k, v, residual, generator = self._inputs(x, rope)
         o, aux = ops.spla_attention(q, k, v, self.selection, generator=generator, cu_seqlens=cu_seqlens,
                                     impl=self.impl, return_aux=True, **residual)
         self.stats = {key: value for key, value in (("rla/gate_abs", aux.gate_abs),
@@ -155,6 +161,41 @@ class SPLAAttention(_Projections):
                                 cu_seqlens=cu_seqlens)
             for hook in list(self._capture_hooks.values()):
                 hook(self, record)
+        return self.out(o)
+
+    def cache_spec(self) -> LayerCacheSpec:
+        """What the KV cache keeps for this layer: keys and values, the scorer's block statistics (taylor
+        scorers) and the linear state (``rla=subtract``)."""
+        sel = self.selection
+        if sel.query_block != 1:
+            raise ValueError(f"sparse.query_block={sel.query_block}: a layer that shares one selection per query "
+                             "block cannot decode token by token (its selection is not a function of the past)")
+        scored = sel.mode == "topk" and sel.scorer in ("taylor1", "taylor2")
+        state = self.rla is not None and self.rla.mode == "subtract"
+        return LayerCacheSpec(kv_heads=self.n_kv_heads, head_dim=self.head_dim, value_dim=self.head_dim,
+                              block_size=sel.block_size if scored else None,
+                              covariance=sel.covariance if scored and sel.scorer == "taylor2" else None,
+                              rank=sel.rank,
+                              state_dim=ops.feature_dim(self.rla.feature_map_name, self.head_dim) if state else None)
+
+    def decode(self, x: torch.Tensor, rope, cache: LayerCache) -> torch.Tensor:
+        """x [B, T, d_model], the next T tokens of every row of ``cache`` -> [B, T, d_model]; updates ``cache``.
+
+        An empty cache (whole prompts) runs the training op (``ops.spla_attention``: Triton on CUDA); a non-empty
+        one ``ops.spla_decode``, which reads the statistics, the state and the selected blocks only. Capture
+        hooks and :attr:`stats` are not fed while decoding.
+        """
+        q, k, v, residual, generator = self._inputs(x, rope)
+        if cache.empty:
+            o = ops.spla_attention(q, k, v, self.selection, generator=generator, impl=self.impl, **residual)
+            cache.append(k, v, residual.get("phi_k"), impl=self.impl)
+            return self.out(o)
+        cache.append(k, v, residual.get("phi_k"), impl=self.impl)
+        kc, vc = cache.keys_values()
+        feature_map = self.rla.feature_map_name if self.rla is not None else "elu1"
+        o = ops.spla_decode(q, kc, vc, cache.positions, self.selection, block_stats=cache.block_stats,
+                            state=cache.state, feature_map=feature_map, generator=generator, impl=self.impl,
+                            **residual)
         return self.out(o)
 
     def extra_repr(self) -> str:
@@ -171,17 +212,36 @@ class DenseAttention(_Projections):
 
     def forward(self, x: torch.Tensor, rope=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x, rope)
+        return self.out(self._attend(q, k, v, cu_seqlens))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None
+                ) -> torch.Tensor:
         G = self.n_heads // self.n_kv_heads
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kh, vh = kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1)
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         else:
-            n = x.shape[1]
+            n = q.shape[1]
             seq = sequence_ids(cu_seqlens, n)
-            mask = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            mask = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-        return self.out(o.transpose(1, 2))
+        return o.transpose(1, 2)
+
+    def cache_spec(self) -> LayerCacheSpec:
+        """The KV cache keeps this layer's keys and values."""
+        return LayerCacheSpec(kv_heads=self.n_kv_heads, head_dim=self.head_dim, value_dim=self.head_dim)
+
+    def decode(self, x: torch.Tensor, rope, cache: LayerCache) -> torch.Tensor:
+        """x [B, T, d_model], the next T tokens of every row of ``cache`` -> [B, T, d_model]; updates ``cache``."""
+        q, k, v = self.qkv(x, rope)
+        cache.append(k, v)
+        if cache.empty:  # whole prompts: the training path
+            return self.out(self._attend(q, k, v, None))
+        kc, vc = cache.keys_values()
+        # One token per row, every row as long (host lengths): no mask, SDPA's flash kernel.
+        positions = None if cache.uniform_step else cache.positions
+        return self.out(ops.dense_decode(q, kc, vc, positions))
 
 
 class LinearAttention(_Projections):
@@ -199,6 +259,24 @@ class LinearAttention(_Projections):
     def forward(self, x: torch.Tensor, rope=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x, rope)
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        o = ops.causal_linear_attention(self.phi(q), self.phi(k), v1, cu_seqlens=cu_seqlens)
+        return self._finish(ops.causal_linear_attention(self.phi(q), self.phi(k), v1, cu_seqlens=cu_seqlens), x.dtype)
+
+    def _finish(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Numerator / normaliser (the last channel), the norm and the output projection."""
         o = o[..., :-1] / (o[..., -1:] + 1e-6)
-        return self.out(self.norm(o.to(x.dtype)))
+        return self.out(self.norm(o.to(dtype)))
+
+    def cache_spec(self) -> LayerCacheSpec:
+        """The KV cache keeps only this layer's state ``sum phi(k) [v, 1]^T`` (no keys or values)."""
+        return LayerCacheSpec(kv_heads=self.n_kv_heads, head_dim=self.head_dim, value_dim=self.head_dim, keys=False,
+                              state_dim=self.head_dim)
+
+    def decode(self, x: torch.Tensor, rope, cache: LayerCache) -> torch.Tensor:
+        """x [B, T, d_model], the next T tokens of every row of ``cache`` -> [B, T, d_model]; updates ``cache``."""
+        q, k, v = self.qkv(x, rope)
+        phi_q, phi_k = self.phi(q), self.phi(k)
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        cache.append(None, v, phi_k)
+        if cache.empty:
+            return self._finish(ops.causal_linear_attention(phi_q, phi_k, v1), x.dtype)
+        return self._finish(ops.decode_linear_attention(phi_q, cache.state, phi_k=phi_k, v=v1), x.dtype)

@@ -82,8 +82,8 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq.copy_(rope_inv_freq(self.head_dim, self.theta, self.scaling))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N] -> cos, sin [N, D] in float32."""
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        """positions [N] -> cos, sin [N, D] in float32 (per-row positions [B, N] -> [B, N, D])."""
+        freqs = positions.float()[..., None] * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
@@ -92,8 +92,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, N, H, D]; cos, sin [N, D]."""
+    """x [B, N, H, D]; cos, sin [N, D] (or [B, N, D]: per-row positions, as a KV cache decodes)."""
     d = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat([-xf[..., d:], xf[..., :d]], dim=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).to(x.dtype)

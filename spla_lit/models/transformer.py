@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..inference.cache import KVCache, LayerCache, LayerCacheSpec
 from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
 from ..ops.utils import positions_in_sequence
@@ -37,8 +38,12 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(d_model, norm_eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
-    def forward(self, x: torch.Tensor, rope, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens)
+    def forward(self, x: torch.Tensor, rope, cu_seqlens: torch.Tensor | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is None:
+            x = x + self.attn(self.attn_norm(x), rope, cu_seqlens)
+        else:
+            x = x + self.attn.decode(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -51,6 +56,8 @@ class DecoderLM(nn.Module):
     :func:`spla_lit.layers.rope.rope_inv_freq` (None: plain RoPE with ``rope_theta``).
 
     forward: input_ids [B, N] (and optional ``cu_seqlens`` for packed rows, B == 1) -> logits [B, N, vocab].
+    With ``cache=`` (:meth:`new_cache`) the ids are the next tokens of each row of the cache: see :meth:`forward`.
+    :meth:`generate` decodes (``spla_lit.inference``).
     """
 
     def __init__(self, vocab_size: int, attention: Callable[..., nn.Module], d_model: int = 128, n_layers: int = 4,
@@ -97,7 +104,18 @@ class DecoderLM(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, N] -> logits [B, N, vocab].
+
+        ``cache``: a :class:`~spla_lit.inference.KVCache` of this model (:meth:`new_cache`). ``input_ids [B, T]`` are
+        then the next T tokens of every row (a prompt or a chunk of it, or one decoded token), at positions that
+        continue from each row's length; the cache is updated in place (``ValueError`` and no change for a row
+        past ``max_seq_len``, another batch size or another model's cache). The logits equal those of one
+        forward pass over each row's whole sequence (to rounding).
+        """
+        if cache is not None:
+            return self._forward_cached(input_ids, cu_seqlens, cache)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, N], got shape {tuple(input_ids.shape)}")
         n = input_ids.shape[1]
@@ -111,6 +129,63 @@ class DecoderLM(nn.Module):
             else:
                 x = layer(x, rope, cu_seqlens)
         return self.lm_head(self.norm(x))
+
+    def _forward_cached(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, cache: KVCache, *,
+                        last_only: bool = False) -> torch.Tensor:
+        """The cached forward; ``last_only``: logits of each row's last new token only, [B, 1, vocab] (a long
+        prompt's prefill never holds [B, T, vocab] logits)."""
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens: packed rows cannot be decoded with a cache (one sequence per row)")
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache from model.new_cache, got {type(cache).__name__}")
+        cache.check(self, input_ids)
+        T = input_ids.shape[1]
+        empty = cache.empty
+        positions = cache.begin(T)
+        # Whole prompts: the positions of a forward without cache (the same RoPE tables, bit for bit).
+        rope = self.rope.cos_sin(torch.arange(T, device=input_ids.device) if empty else positions)
+        x = self.embed(input_ids)
+        try:
+            for layer, layer_cache in zip(self.layers, cache.layers):
+                x = layer(x, rope, cache=layer_cache)
+        except BaseException:
+            cache.invalidate()  # some layers hold the new tokens, others not
+            raise
+        cache.advance(T)
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+
+    def cache_specs(self) -> list[LayerCacheSpec]:
+        """What a KV cache keeps for each layer (``layer.attn.cache_spec()``)."""
+        specs = []
+        for i, layer in enumerate(self.layers):
+            spec = getattr(layer.attn, "cache_spec", None)
+            if spec is None:
+                raise ValueError(f"layer {i}: {type(layer.attn).__name__} has no decode path (no cache_spec)")
+            specs.append(spec())
+        return specs
+
+    def new_cache(self, batch_size: int, max_seq_len: int, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty :class:`~spla_lit.inference.KVCache` for ``batch_size`` rows of up to ``max_seq_len`` tokens
+        (keys, values, block statistics and linear states, per layer as it needs). ``device`` / ``dtype``
+        default to the model's parameters' (pass ``torch.bfloat16`` to decode under bf16 autocast)."""
+        p = self.embed.weight
+        return KVCache(self.cache_specs(), batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype,
+                       owner=self)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, prompt_lengths=None,
+                 temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+        """Prefill each row's prompt, then decode ``max_new_tokens`` tokens: LongTensor [B, max_new_tokens].
+
+        See :func:`spla_lit.inference.generate` (prompt lengths per row, greedy at temperature 0, top-p
+        sampling with ``generator``, rows stop at ``eos_token_id``; ``cuda_graph``: None = auto on CUDA).
+        """
+        from ..inference.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, prompt_lengths=prompt_lengths, temperature=temperature,
+                        top_p=top_p, eos_token_id=eos_token_id, generator=generator, cuda_graph=cuda_graph)
 
     def attention_stats(self) -> dict[str, torch.Tensor]:
         """Mean over layers of each attention layer's last statistics (e.g. RLA gate, residual share)."""

@@ -7,6 +7,14 @@ PyTorch references here; Triton kernels in ``spla_kernels`` are dispatched on CU
 from ..options import Selection, min_topk
 from ._dispatch import ReferenceFallbackWarning
 from .blocks import selected_causal_counts, selected_key_mask, token_block_idx, visible_blocks
+from .decode import (
+    decode_block_scores,
+    decode_linear_attention,
+    decode_select,
+    decode_sparse_attention,
+    dense_decode,
+    spla_decode,
+)
 from .feature_maps import FEATURE_MAPS, feature_dim, feature_map
 from .linear_attention import (
     causal_linear_attention,
@@ -30,6 +38,11 @@ __all__ = [
     "block_sparse_attention",
     "causal_linear_attention",
     "combine_residual",
+    "decode_block_scores",
+    "decode_linear_attention",
+    "decode_select",
+    "decode_sparse_attention",
+    "dense_decode",
     "exact_block_log_mass",
     "explicit_residual_linear_attention",
     "feature_dim",
@@ -45,6 +58,7 @@ __all__ = [
     "selected_linear_attention",
     "sparse_attention_with_residual",
     "spla_attention",
+    "spla_decode",
     "token_block_idx",
     "visible_blocks",
 ]

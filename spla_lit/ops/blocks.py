@@ -39,10 +39,26 @@ def forced_blocks(num_q_blocks: int, num_k_blocks: int, query_block: int, block_
     t = torch.arange(num_q_blocks, device=device)
     diag = diagonal_blocks(num_q_blocks, num_k_blocks, query_block, block_size, device)
     first = (t * query_block) // block_size
+    return _forced(first, diag, num_k_blocks, local_blocks, sink_blocks)
+
+
+def _forced(first: torch.Tensor, diag: torch.Tensor, num_k_blocks: int, local_blocks: int,
+            sink_blocks: int) -> torch.Tensor:
+    """Bool [..., nK] forced blocks of query blocks whose first / last token lie in blocks ``first`` / ``diag``."""
     lo = torch.clamp(torch.minimum(first, diag - local_blocks + 1), min=0)
-    b = torch.arange(num_k_blocks, device=device)[None, :]
-    visible = b <= diag[:, None]
-    return visible & ((b >= lo[:, None]) | (b < sink_blocks))
+    b = torch.arange(num_k_blocks, device=diag.device)
+    visible = b <= diag[..., None]
+    return visible & ((b >= lo[..., None]) | (b < sink_blocks))
+
+
+def position_block_masks(positions: torch.Tensor, num_k_blocks: int, block_size: int, local_blocks: int,
+                         sink_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forced, visible)``, bool [..., nK], for single-token queries at ``positions`` [...] (any shape, e.g. a
+    KV cache's per-row positions [B, T]): the rules of :func:`forced_blocks` / :func:`visible_blocks` with
+    ``query_block == 1``, for queries that are not at ``arange(N)``."""
+    diag = positions.long() // block_size
+    visible = torch.arange(num_k_blocks, device=positions.device) <= diag[..., None]
+    return _forced(diag, diag, num_k_blocks, local_blocks, sink_blocks), visible
 
 
 def token_block_idx(block_idx: torch.Tensor, n: int, query_block: int) -> torch.Tensor:

@@ -63,36 +63,69 @@ def _taylor_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale
     Hkv = k.shape[2]
     qh = group_heads(q, Hkv)  # [B, Hkv, G, N, D]
     count, mean, second = block_key_stats(k, block_size, covariance if order == 2 else None, rank)
-    lm = count.log() + scale * torch.einsum("bhgnd,bhkd->bhgnk", qh, mean)
-    if order == 1:
-        return lm
-    if covariance == "diag":
-        quad = torch.einsum("bhgnd,bhkd->bhgnk", qh.square(), second)
-    elif covariance == "lowrank":
-        U, lam = second
-        proj = torch.einsum("bhgnd,bhkdr->bhgnkr", qh, U)
-        quad = (proj.square() * lam[:, :, None, None]).sum(-1)
-    else:
+    if order == 2 and covariance == "full":
         # q^T Sigma_b q = mean_{j in b} ((k_j - mu_b) . q)^2, exact and O(N^2 D) rather than O(N nK D^2).
         kh = k.to(qh.dtype).transpose(1, 2)
         kb, valid = _pad_blocks(kh, block_size)
         centered = (kb - mean[:, :, :, None]) * valid.to(qh.dtype)[None, None, :, :, None]
         proj = torch.einsum("bhgnd,bhksd->bhgnks", qh, centered)
+        lm = stats_log_mass(qh, count.log(), mean, None, scale=scale, covariance=None)
         quad = proj.square().sum(-1) / count
+        return lm + 0.5 * scale * scale * quad
+    return stats_log_mass(qh, count.log(), mean, second, scale=scale, covariance=covariance if order == 2 else None)
+
+
+def stats_log_mass(qh: torch.Tensor, log_count: torch.Tensor, mean: torch.Tensor, second, *, scale: float,
+                   covariance: str | None) -> torch.Tensor:
+    """The Taylor log-mass of every block from its statistics (``docs/spla.md`` §1), [B, Hkv, G, N, nK].
+
+    ``qh`` [B, Hkv, G, N, D] grouped queries; ``log_count`` [nK] (or broadcastable to [B, Hkv, 1, 1, nK]);
+    ``mean`` [B, Hkv, nK, D]; ``second`` as :func:`block_key_stats` returns it for ``covariance`` (diag: the
+    variance; full: the covariance [B, Hkv, nK, D, D]; lowrank: ``(U, lam)``); ``covariance=None``: taylor1.
+    Shared by the training scorer and the KV-cache decode path (which keeps the statistics, not the keys).
+    """
+    lm = log_count + scale * torch.einsum("bhgnd,bhkd->bhgnk", qh, mean.to(qh.dtype))
+    if covariance is None:
+        return lm
+    if covariance == "diag":
+        quad = torch.einsum("bhgnd,bhkd->bhgnk", qh.square(), second.to(qh.dtype))
+    elif covariance == "lowrank":
+        U, lam = second
+        proj = torch.einsum("bhgnd,bhkdr->bhgnkr", qh, U.to(qh.dtype))
+        quad = (proj.square() * lam.to(qh.dtype)[:, :, None, None]).sum(-1)
+    else:
+        quad = torch.einsum("bhgnd,bhkde,bhgne->bhgnk", qh, second.to(qh.dtype), qh)
     return lm + 0.5 * scale * scale * quad
 
 
-def _oracle_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float) -> torch.Tensor:
-    """Exact causal block log-mass logsumexp_{j in b, j <= i} s_ij, [B, Hkv, G, N, nK]."""
+def reduce_heads(lm: torch.Tensor, head_reduce: str) -> torch.Tensor:
+    """[B, Hkv, G, nQ, nK] per-head log-masses -> [B, Hkv, nQ, nK]: the G query heads of a KV head share one
+    selection (``lse``: their total mass, ``max`` or ``mean``)."""
+    if head_reduce == "lse":
+        return lm.logsumexp(2)
+    if head_reduce == "max":
+        return lm.amax(2)
+    return lm.mean(2)
+
+
+def _oracle_log_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact causal block log-mass logsumexp_{j in b, j <= i} s_ij, [B, Hkv, G, N, nK] for q [B, N, Hq, D] and
+    k [B, M, Hkv, D]. Query i sits at token i (M == N), or at ``positions[b, i]`` (int [B, N]: a KV cache's
+    new tokens against its M cached keys)."""
     Hkv = k.shape[2]
     qh = group_heads(q, Hkv)
     kh = k.to(qh.dtype).transpose(1, 2)
-    N = q.shape[1]
+    N, M = q.shape[1], k.shape[1]
     s = scale * torch.einsum("bhgnd,bhmd->bhgnm", qh, kh)
-    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
-    s = s.masked_fill(~causal, float("-inf"))
-    nK = cdiv(N, block_size)
-    s = torch.nn.functional.pad(s, (0, nK * block_size - N), value=float("-inf"))
+    if positions is None:
+        causal = torch.ones(N, M, dtype=torch.bool, device=q.device).tril()
+    else:
+        causal = (torch.arange(M, device=q.device) <= positions[..., None])[:, None, None]  # [B, 1, 1, N, M]
+    # where, not an additive mask: keys past a row's length may hold anything (a cache's unwritten tail).
+    s = torch.where(causal, s, float("-inf"))
+    nK = cdiv(M, block_size)
+    s = torch.nn.functional.pad(s, (0, nK * block_size - M), value=float("-inf"))
     return s.view(*s.shape[:-1], nK, block_size).logsumexp(-1)
 
 
@@ -163,12 +196,7 @@ def block_scores(
                 lm = _taylor_log_mass(q, k, block_size=bs, scale=scale, order=1 if sel.scorer == "taylor1" else 2,
                                       covariance=sel.covariance, rank=sel.rank)
             lm = _reduce_query_blocks(lm, qb, log_mean_exp=sel.scorer == "oracle")
-            if sel.head_reduce == "lse":
-                s = lm.logsumexp(2)
-            elif sel.head_reduce == "max":
-                s = lm.amax(2)
-            else:
-                s = lm.mean(2)
+            s = reduce_heads(lm, sel.head_reduce)
         s = s.float().masked_fill(~visible, float("-inf"))
     return s
 

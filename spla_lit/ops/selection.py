@@ -11,7 +11,7 @@ import torch
 from ..options import IMPLS, Selection
 from ._checks import check_choice, check_cu_seqlens, check_qk, check_selection
 from ._dispatch import run_kernel, use_triton
-from .blocks import forced_blocks, visible_blocks
+from .blocks import forced_blocks, position_block_masks, visible_blocks
 from .scoring import block_scores
 from .utils import cdiv
 
@@ -23,7 +23,7 @@ def _fusable(sel: Selection) -> bool:
 
 
 def select_blocks(scores: torch.Tensor, selection: Selection, *,
-                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Pick the key blocks each query (block) attends to exactly.
 
     Args:
@@ -33,6 +33,9 @@ def select_blocks(scores: torch.Tensor, selection: Selection, *,
             first blocks, always kept) and :attr:`~spla_lit.options.Selection.k` (blocks per row: ``topk``, or
             the forced blocks alone in ``window`` mode).
         cu_seqlens: packed sequences (see :func:`block_scores`); selection per sequence, local indices.
+        positions: int [B, nQ], the token position of each query row (``query_block == 1``; not with
+            ``cu_seqlens``): the forced and visible blocks follow them instead of ``arange(nQ)``. The decode
+            path (KV cache) selects with it, rows at their own lengths.
 
     Returns:
         int32 [B, Hkv, nQ, selection.k]: block indices, ascending, padded with -1 at the end. A query block
@@ -43,13 +46,27 @@ def select_blocks(scores: torch.Tensor, selection: Selection, *,
         raise ValueError(f"scores must be a 4-D tensor [B, Hkv, nQ, nK], got {shape}")
     sel = check_selection(selection)
     B, H, nQ, nK = scores.shape
+    if positions is not None:
+        if cu_seqlens is not None or sel.query_block != 1:
+            raise ValueError("positions needs query_block == 1 and no cu_seqlens")
+        if (not isinstance(positions, torch.Tensor) or tuple(positions.shape) != (B, nQ)
+                or positions.is_floating_point()):
+            raise ValueError(f"positions must be an integer [B, nQ] = [{B}, {nQ}] tensor")
+        forced, visible = position_block_masks(positions, nK, sel.block_size, sel.local_blocks, sel.sink_blocks)
+        return _top_blocks(scores, sel, forced[:, None], visible[:, None])
     if cu_seqlens is not None:
         segments = check_cu_seqlens(cu_seqlens, batch=B, n=nQ, query_block=sel.query_block)
         return torch.cat([select_blocks(scores[:, :, s:e, : cdiv(e - s, sel.block_size)], sel)
                           for s, e in segments], dim=2)
-    # Selection guarantees k >= the forced blocks of any row (Selection.forced), so they always fit.
     forced = forced_blocks(nQ, nK, sel.query_block, sel.block_size, sel.local_blocks, sel.sink_blocks, scores.device)
     visible = visible_blocks(nQ, nK, sel.query_block, sel.block_size, scores.device)
+    return _top_blocks(scores, sel, forced, visible)
+
+
+def _top_blocks(scores: torch.Tensor, sel: Selection, forced: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The forced blocks plus the best-scoring visible ones, ascending, -1 padded (:func:`select_blocks`)."""
+    nK = scores.shape[-1]
+    # Selection guarantees k >= the forced blocks of any row (Selection.forced), so they always fit.
     s = scores.detach().float().nan_to_num(nan=float("-inf"), neginf=float("-inf"))
     s = s.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
     kk = min(sel.k, nK)

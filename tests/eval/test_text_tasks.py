@@ -154,7 +154,7 @@ def test_eval_on_a_text_checkpoint_runs_the_text_suite(tmp_path, prepared):
     assert set(map(str, r["fidelity"]["layers"])) == {"0", "1"}
     generated = evaluate(eval_config([*common, f"output_dir={tmp_path / 'gen'}", "tasks=[niah_single]",
                                       "decode=generate", "perplexity.enabled=false", "fidelity.enabled=false"]))
-    assert generated["ruler"]["decode"] == "generate"
-    assert generated["ruler"]["per_task"]["900"]["niah_single"] == r["ruler"]["per_task"]["900"]["niah_single"]
+    assert generated["ruler"]["decode"] == "teacher_forced" and generated["ruler_generate"]["decode"] == "generate"
+    assert generated["ruler_generate"]["per_task"]["900"]["niah_single"] == r["ruler"]["per_task"]["900"]["niah_single"]
     with pytest.raises(ConfigError, match="^tasks: \\['mqar'\\] have no text form"):
         evaluate(eval_config([*common, f"output_dir={tmp_path / 'x'}", "tasks=[mqar]"]))

@@ -100,12 +100,21 @@ def test_spla_exports_with_its_modeling_code_and_generates(spla_run, tmp_path):
     print(f"SPLA -> SPLAForCausalLM (remote code): max |logits - ours| = {diff:.2e}")
     assert diff < 1e-4
     assert model.model.lm_head.weight is model.model.embed.weight  # tied, stored once
-    # generate() (greedy, whole prefix each step until the inference cache) = our greedy loop
+    # generate(): greedy with SPLA's KV cache = our greedy generation = transformers' own loop (an argument only
+    # that loop takes, an empty logits processor list, sends it there)
     from spla_lit.eval.text_tasks import greedy_generate
 
-    prompt = torch.tensor([[5, 17, 42, 8, 99]])
+    prompt = torch.tensor([[5, 17, 42, 8, 99], [3, 1, 4, 1, 5]])
     out_ids = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(out_ids[:, 5:], greedy_generate(load_model(spla_run).net, prompt, 6))
+    own_loop = {"logits_processor": transformers.LogitsProcessorList()}
+    assert torch.equal(out_ids, model.generate(prompt, max_new_tokens=6, do_sample=False, **own_loop))
+    eos = int(out_ids[0, 7])  # row 0 stops at its third new token: padded, the output cut once all rows stop
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kw), model.generate(prompt, **kw, **own_loop))
+    sampled = [model.generate(prompt, max_new_tokens=4, do_sample=True, top_k=0, top_p=0.9,
+                              generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*sampled) and sampled[0].shape == (2, 9)
     tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     assert tok.decode(tok("def f(x):").input_ids) == "def f(x):"
 

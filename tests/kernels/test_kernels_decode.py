@@ -1,0 +1,201 @@
+"""Triton decode kernels (kernels/spla_kernels/decode.py) against the PyTorch references of ``spla_lit.ops.decode``,
+on CPU via TRITON_INTERPRET=1, at tiny shapes (forward only: decoding has no backward).
+
+Buffers the kernels allocate start NaN-poisoned (an unwritten element fails); the cached K/V of unselected blocks
+and past each row's length are NaN too (the kernels must not read them); splits over blocks vary.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from poison import PoisonTorch  # noqa: E402
+
+import spla_kernels.decode as K  # noqa: E402
+from spla_lit import ops  # noqa: E402
+from spla_lit.options import Selection  # noqa: E402
+
+B, HKV, D, BS = 2, 2, 16, 4
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(K, "torch", PoisonTorch())
+
+
+def _stats(g, nK, covariance, rank=3):
+    mean = torch.randn(B, HKV, nK, D, generator=g)
+    if covariance == "diag":
+        return mean, torch.rand(B, HKV, nK, D, generator=g) * 2
+    if covariance == "lowrank":
+        U = torch.linalg.qr(torch.randn(B, HKV, nK, D, D, generator=g))[0][..., :rank]
+        return mean, (U, torch.rand(B, HKV, nK, rank, generator=g) * 3)
+    return mean, None
+
+
+@pytest.mark.parametrize("scorer,covariance,reduce", [("taylor2", "diag", "lse"), ("taylor2", "lowrank", "max"),
+                                                      ("taylor1", "diag", "mean"), ("taylor2", "diag", "max")])
+@pytest.mark.parametrize("sink,local", [(0, 1), (1, 2)])
+def test_select_matches_reference(monkeypatch, scorer, covariance, reduce, sink, local):
+    monkeypatch.setattr(K.CONFIG, "score_blocks", 16)  # several steps and splits over the 40 blocks
+    g = torch.Generator().manual_seed(0)
+    nK = 40
+    mean, second = _stats(g, nK, covariance if scorer == "taylor2" else None)
+    q = torch.randn(B, 1, 4 * HKV, D, generator=g)
+    sel = Selection(block_size=BS, topk=5 + sink, local_blocks=local, sink_blocks=sink, scorer=scorer,
+                    covariance=covariance, head_reduce=reduce)
+    for pos in ([[3], [150]], [[37], [101]]):  # a row inside its first block; rows far apart
+        positions = torch.tensor(pos)
+        ref = ops.decode_select(q, mean, second, positions, sel, impl="reference")
+        got = ops.decode_select(q, mean, second, positions, sel, impl="triton")
+        assert got.dtype == torch.int32 and got.shape == (B, HKV, 1, sel.topk)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_select_declines_what_it_does_not_score():
+    q = torch.randn(1, 1, 2, D)
+    mean = torch.randn(1, 1, 3, D)
+    with pytest.raises(NotImplementedError):
+        K.decode_select_blocks(q, mean, torch.randn(1, 1, 3, D, D), torch.tensor([[9]]),
+                               Selection(block_size=BS, topk=2, covariance="full"))
+    with pytest.raises(NotImplementedError):
+        K.decode_select_blocks(q, mean, None, torch.tensor([[9]]), Selection(block_size=BS, topk=2, scorer="oracle"))
+
+
+def _cache(g, M, dtype):
+    k = torch.randn(B, M, HKV, D, generator=g).to(dtype)
+    v = torch.randn(B, M, HKV, D, generator=g).to(dtype)
+    return k, v
+
+
+def _poison_unselected(k, v, block_idx, positions):
+    """NaN in every cached K/V row a one-token step must not read: unselected blocks and past the position."""
+    M = k.shape[1]
+    k, v = k.clone(), v.clone()
+    blk = torch.arange(M) // BS
+    for b in range(B):
+        for h in range(HKV):
+            chosen = set(block_idx[b, h, 0].tolist()) - {-1}
+            bad = torch.tensor([int(x) not in chosen for x in blk]) | (torch.arange(M) > positions[b, 0])
+            k[b, bad, h] = float("nan")
+            v[b, bad, h] = float("nan")
+    return k, v
+
+
+@pytest.mark.parametrize("feature_map,normalizer", [("elu1", True), ("relu", False), ("softmax", True),
+                                                    ("identity", False), (None, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_step_matches_reference_and_reads_only_selected_blocks(monkeypatch, feature_map, normalizer, dtype):
+    monkeypatch.setattr(K.CONFIG, "programs_per_sm", 3)  # 3 splits of the 6 selected blocks
+    g = torch.Generator().manual_seed(1)
+    M, Hq = 64, 4 * HKV
+    k, v = _cache(g, M, dtype)
+    q = torch.randn(B, 1, Hq, D, generator=g).to(dtype)
+    positions = torch.tensor([[45], [21]])
+    sel = Selection(block_size=BS, topk=6, sink_blocks=1)
+    mean, second = _stats(g, M // BS, "diag")
+    block_idx = ops.decode_select(q, mean, second, positions, sel, impl="reference")
+    block_idx[1, 1, 0, -1] = -1  # a padded slot
+    phi_q = None if feature_map is None else ops.feature_map(feature_map)(q)
+    kw = dict(block_size=BS, scale=D**-0.5, phi_q=phi_q, feature_map=feature_map or "elu1",
+              with_normalizer=normalizer)
+    ref = ops.decode_sparse_attention(q, k, v, block_idx, positions, impl="reference", **kw)
+    kp, vp = _poison_unselected(k, v, block_idx, positions)
+    got = ops.decode_sparse_attention(q, kp, vp, block_idx, positions, impl="triton", **kw)
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("o", "lse", "sel", "counts"), got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.isfinite(a.float()).all(), name
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # relative to the largest entry: the selected-linear sums are large and cancel
+        torch.testing.assert_close(a.float(), b.float(), rtol=rel, atol=rel * float(b.float().abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("rla,combine,normalize", [("subtract", "add", True), ("subtract", "joint", True),
+                                                   ("none", "add", True), ("subtract", "add", False)])
+def test_spla_decode_step_triton_equals_reference(rla, combine, normalize):
+    """The whole one-token step (selection, sparse part, selected-linear, state, combine) on both paths."""
+    g = torch.Generator().manual_seed(2)
+    M, Hq, F = 48, 2 * HKV, D
+    k, v = _cache(g, M, torch.float32)
+    q = torch.randn(B, 1, Hq, D, generator=g)
+    positions = torch.tensor([[40], [17]])
+    mean, second = _stats(g, M // BS, "diag")
+    state = torch.rand(B, HKV, F, D + 1, generator=g) * 5
+    sel = Selection(block_size=BS, topk=3)
+    kw = dict(block_stats=(mean, second), rla=rla, combine=combine, normalize=normalize)
+    if rla != "none":
+        kw.update(state=state, phi_q=ops.feature_map("elu1")(q))
+        if combine == "add":
+            kw.update(gate=torch.rand(B, 1, Hq, generator=g), norm_weight=torch.rand(D, generator=g) + 0.5)
+    ref = ops.spla_decode(q, k, v, positions, sel, impl="reference", **kw)
+    got = ops.spla_decode(q, k, v, positions, sel, impl="triton", **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_model_decoding_on_the_triton_path_equals_the_reference_forward():
+    """Prefill (training kernels) then decode steps (decode kernels) of a tiny model == its reference forward."""
+    from hydra.utils import instantiate
+    from hydra_utils import make_cfg
+
+    cfg = make_cfg(["model.d_model=32", "model.n_layers=2", "data.vocab_size=64", "sparse.block_size=4",
+                    "sparse.topk=3", "sparse.sink_blocks=1", "impl=triton"])
+    torch.manual_seed(0)
+    net = instantiate(cfg.model).eval()
+    for p in net.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    x = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(3))
+    for m in net.modules():
+        if hasattr(m, "impl"):
+            m.impl = "reference"
+    full = net(x)
+    for m in net.modules():
+        if hasattr(m, "impl"):
+            m.impl = "triton"
+    cache = net.new_cache(2, 14)
+    out = torch.cat([net(x[:, :11], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(11, 14)], 1)
+    torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
+
+
+@pytest.mark.parametrize("spec_kw", [dict(block_size=BS, covariance="diag", state_dim=D),
+                                     dict(block_size=BS, covariance=None), dict(), dict(keys=False, state_dim=D)],
+                         ids=["spla-diag", "taylor1-no-rla", "dense", "linear"])
+@torch.no_grad()
+def test_append_kernel_matches_reference(monkeypatch, spec_kw):
+    """One token per row (rows at different lengths, one completing its block): every cache tensor equal."""
+    from spla_lit.inference.cache import KVCache, LayerCacheSpec
+
+    calls = []
+    kernel = K.decode_append
+    monkeypatch.setattr(K, "decode_append", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+
+    g = torch.Generator().manual_seed(4)
+    caches = [KVCache([LayerCacheSpec(kv_heads=HKV, head_dim=D, value_dim=D, **spec_kw)], B, 24) for _ in range(2)]
+    first = [torch.randn(1, n, HKV, D, generator=g) for n in (7, 10)]
+    new = [torch.randn(B, 1, HKV, D, generator=g) for _ in range(2)]
+    phi = ops.feature_map("elu1")
+    for cache in caches:
+        for b, kv in enumerate(first):  # ragged rows by the reference path
+            rows = cache.rows(b, b + 1)
+            rows.begin(kv.shape[1])
+            rows.layers[0].append(kv, kv * 0.5, phi(kv), impl="reference")
+            rows.advance(kv.shape[1])
+    for cache, impl in zip(caches, ("reference", "triton")):
+        cache.begin(1)
+        cache.layers[0].append(new[0], new[1], phi(new[0]), impl=impl)
+        cache.advance(1)
+    assert calls == [1]
+    ref, got = caches[0].layers[0].tensors(), caches[1].layers[0].tensors()
+    assert set(ref) == set(got)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-6, msg=name)
