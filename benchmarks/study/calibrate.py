@@ -36,7 +36,6 @@ from _launch import (
     assign_gpus,
     default_impl,
     eval_job,
-    gpu_count,
     has_checkpoint,
     log_setup,
     max_time,
@@ -44,6 +43,7 @@ from _launch import (
     run_jobs,
     thread_env,
     train_length,
+    visible_gpus,
     width_overrides,
     write_commands,
 )
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-a-startup-s", type=float, default=60, help="stage A's --startup-s")
     p.add_argument("--stage-a-jobs-per-gpu", type=int, default=12, help="24 runs on 2 GPUs: 12")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--gpus", default=None,
+                   help="CUDA_VISIBLE_DEVICES ids, e.g. 1 (default: the incoming CUDA_VISIBLE_DEVICES, else all); "
+                        "the calibration uses the first one only")
     p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/spla_study"), help="where run directories go")
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "launcher.log")
     run_root = (args.workdir / f"calib_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
-    n_gpus = gpu_count(args.device)
+    gpus = visible_gpus(args.device, args.gpus)[:1]  # one GPU: the calibration measures the load of one device
     impl = default_impl(args.impl, args.device)
     plan = grid(args)
     threads = max(1, (os.cpu_count() or 1) // len(plan))
@@ -226,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"hydra.run.dir={run_dir}", *extra, *overrides, *args.set]
         runs.append((Job(run_dir.name, argv_, run_dir / "train.out", thread_env(threads)), arm, 1))
     jobs = [j for j, _, _ in runs]
-    assign_gpus(jobs, min(n_gpus, 1))  # one GPU: the calibration measures the load of one device
-    log(f"calibration: {len(jobs)} runs at once on {'1 GPU' if n_gpus else 'the CPU'}, {threads} CPU thread(s) "
+    assign_gpus(jobs, gpus)
+    where = f"GPU {gpus[0]}" if gpus else "the CPU"
+    log(f"calibration: {len(jobs)} runs at once on {where}, {threads} CPU thread(s) "
         f"each, runs in {run_root}")
-    log_setup(log, min(n_gpus, 1))
+    log_setup(log, gpus)
     train_len = train_length(args.tiny, args.set)
     evals = {j.name: eval_job(j, args.device, impl, [
         f"lengths=[{train_len}]", f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}",
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records, args)
     write_json({**summary, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "records": records}, args.out / "calibration.json")
-    write_text(markdown(summary, args, min(n_gpus, 1)), args.out / "calibration.md")
+    write_text(markdown(summary, args, len(gpus)), args.out / "calibration.md")
     log(f"finished at {log.elapsed():.0f}s; suggestion: {json.dumps(summary['suggestion'])}")
     print((args.out / "calibration.md").read_text())
     return 0

@@ -12,7 +12,7 @@ from hydra_utils import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
 
-from _launch import Job, max_time, run_jobs, width_overrides  # noqa: E402
+from _launch import Job, assign_gpus, max_time, run_jobs, visible_gpus, width_overrides  # noqa: E402
 
 
 def _py(code: str) -> list[str]:
@@ -42,6 +42,63 @@ def test_run_jobs_never_starts_what_does_not_fit_before_the_deadline(tmp_path):
     out = run_jobs(jobs, deadline_s=1.0, log=lines.append, max_parallel=1, grace_s=1.0)
     assert out["queued"].rc is None and not out["queued"].ok
     assert any("queued never started" in line for line in lines)
+
+
+def _count(n: int):
+    return lambda: n
+
+
+@pytest.mark.parametrize("env, gpus, n, expected", [
+    ({}, None, 2, ["0", "1"]),                                   # nothing said: every device torch sees
+    ({"CUDA_VISIBLE_DEVICES": "1"}, None, 1, ["1"]),             # the caller's choice is kept (issue 12)
+    ({"CUDA_VISIBLE_DEVICES": "2, 3"}, None, 2, ["2", "3"]),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-ab12,GPU-cd34"}, None, 2, ["GPU-ab12", "GPU-cd34"]),  # UUIDs as they are
+    ({}, "0,1", 2, ["0", "1"]),
+    ({}, "1", 2, ["1"]),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "2,0", 3, ["2", "0"]),   # --gpus narrows the incoming list
+])
+def test_visible_gpus_respects_the_incoming_devices_and_gpus(env, gpus, n, expected):
+    assert visible_gpus("cuda", gpus, env, _count(n)) == expected
+
+
+@pytest.mark.parametrize("env, gpus, n, match", [
+    ({"CUDA_VISIBLE_DEVICES": "1"}, "0", 1, "not in the incoming"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, None, 0, "hides every GPU"),
+    ({}, None, 0, "no CUDA device"),
+    ({}, "0,0", 2, "distinct"),
+    ({}, ",", 2, "distinct"),
+    ({}, "0,5", 2, "beyond the 2 visible"),
+])
+def test_visible_gpus_rejects_bad_choices(env, gpus, n, match):
+    with pytest.raises(SystemExit, match=match):
+        visible_gpus("cuda", gpus, env, _count(n))
+
+
+def test_visible_gpus_on_the_cpu():
+    assert visible_gpus("cpu", None, {"CUDA_VISIBLE_DEVICES": "1"}, _count(0)) == []
+    with pytest.raises(SystemExit, match="--device cpu"):
+        visible_gpus("cpu", "0", {}, _count(0))
+
+
+def test_assign_gpus_pins_jobs_round_robin_onto_the_given_ids(tmp_path):
+    jobs = [Job(f"j{i}", ["true"], tmp_path / f"{i}.out") for i in range(5)]
+    assign_gpus(jobs, visible_gpus("cuda", None, {"CUDA_VISIBLE_DEVICES": "1"}, _count(1)))
+    assert [(j.gpu, j.env["CUDA_VISIBLE_DEVICES"]) for j in jobs] == [("1", "1")] * 5
+    assign_gpus(jobs, ["0", "1"])
+    assert [j.env["CUDA_VISIBLE_DEVICES"] for j in jobs] == ["0", "1", "0", "1", "0"]
+    cpu = [Job("c", ["true"], tmp_path / "c.out")]
+    assign_gpus(cpu, [])
+    assert cpu[0].gpu is None and "CUDA_VISIBLE_DEVICES" not in cpu[0].env
+
+
+def test_a_job_sees_its_pinned_device_not_the_launchers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the launcher's own (fake) environment
+    jobs = [Job(f"j{i}", _py("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"), tmp_path / f"{i}.out")
+            for i in range(2)]
+    assign_gpus(jobs, visible_gpus("cuda", "1", None, _count(2)))
+    out = run_jobs(jobs, deadline_s=60.0, log=lambda _: None)
+    assert all(o.ok for o in out.values())
+    assert [(tmp_path / f"{i}.out").read_text() for i in range(2)] == ["1\n", "1\n"]
 
 
 def test_width_overrides_and_max_time():
