@@ -21,6 +21,8 @@ RLAMode = Literal["subtract", "explicit", "none"]
 FeatureMap = Literal["elu1", "relu", "softmax", "identity", "taylor"]
 Combine = Literal["add", "joint"]
 Impl = Literal["auto", "reference", "triton"]
+# RoPE frequency scalings beyond plain RoPE (``model.rope_scaling.rope_type``; null: none)
+RopeScaling = Literal["llama3"]
 
 SCORERS: tuple[str, ...] = get_args(Scorer)
 COVARIANCES: tuple[str, ...] = get_args(Covariance)
@@ -32,6 +34,7 @@ FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMap)
 POSITIVE_FEATURE_MAPS: tuple[str, ...] = ("elu1", "relu", "softmax", "taylor")
 COMBINES: tuple[str, ...] = get_args(Combine)
 IMPLS: tuple[str, ...] = get_args(Impl)
+ROPE_SCALINGS: tuple[str, ...] = get_args(RopeScaling)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

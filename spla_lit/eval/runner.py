@@ -27,7 +27,8 @@ from .loading import LoadedModel, attention_kind, load_model
 from .perplexity import PositionBucketLoss, token_losses
 from .progress import EvalProgress
 from .report import eval_markdown, plot_accuracy, write_json
-from .ruler import autocast, check_disjoint, check_tasks, heldout_seed, run_suite
+from .ruler import autocast, check_disjoint, check_tasks, heldout_seed, ruler_seed, run_suite
+from .text_tasks import DECODES, HeldoutWindows, run_text_suite
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def check_eval_config(cfg: DictConfig) -> None:
         _positive(cfg, f"sizes.{device}.num_samples")
     if cfg.max_batch_tokens is not None:
         _positive(cfg, "max_batch_tokens")
+    if cfg.get("decode", "teacher_forced") not in DECODES:
+        raise ConfigError(f"decode: unknown value {cfg.decode!r}; expected one of {', '.join(DECODES)}")
     for key in ("perplexity.length", "fidelity.length"):
         if OmegaConf.select(cfg, key) is not None:
             _positive(cfg, key)
@@ -99,9 +102,18 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def heldout_dataset(loaded: LoadedModel, length: int, num_samples: int, eval_seed: int) -> SyntheticTaskDataset:
-    """Held-out sequences of the checkpoint's training mixture at ``length`` (eval seed stream)."""
+def is_text_run(cfg: DictConfig) -> bool:
+    """Whether the checkpoint's run trained on tokenized text (``data=tokens``): the suite is then the text one."""
+    return OmegaConf.select(cfg, "data._target_") == "spla_lit.data.TokenDataModule"
+
+
+def heldout_dataset(loaded: LoadedModel, length: int, num_samples: int, eval_seed: int,
+                    key: str = "perplexity") -> SyntheticTaskDataset | HeldoutWindows:
+    """Held-out sequences of the checkpoint's training data at ``length``: the mixture's (eval seed stream), or
+    for a text run the first windows of its held-out documents."""
     data = loaded.cfg.data
+    if is_text_run(loaded.cfg):
+        return HeldoutWindows(data, length, num_samples, key)
     return SyntheticTaskDataset(length, num_samples, _plain(data.mixture), heldout_seed(eval_seed),
                                 data.vocab_size, data.get("language_seed", 0), _plain(data.get("task_kwargs")))
 
@@ -165,7 +177,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     task_kwargs: dict[str, Any] = _plain(tcfg.data.get("task_kwargs"))
     for task, kwargs in _plain(cfg.task_kwargs).items():
         task_kwargs[task] = {**task_kwargs.get(task, {}), **(kwargs or {})}
-    check_tasks(tasks, lengths, tcfg.data.vocab_size, task_kwargs)
+    text = is_text_run(tcfg)
+    if not text:
+        if cfg.get("decode") == "generate":
+            raise ConfigError("decode: generate applies to checkpoints trained on text (data=tokens); the synthetic "
+                              "suite scores by teacher forcing, which equals greedy decoding's exact match")
+        check_tasks(tasks, lengths, tcfg.data.vocab_size, task_kwargs)
     label = cfg.label or model_label(tcfg)
     n_params = loaded.net.num_parameters() if hasattr(loaded.net, "num_parameters") else None
     log.info("evaluating %s (step %d, %s non-embedding parameters) on %s, %s", label, loaded.global_step,
@@ -188,11 +205,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
              + (fid_len * cfg.fidelity.num_samples if cfg.fidelity.enabled and spla_layers(loaded.net) else 0))
     with EvalProgress(total, enabled=cfg.progress).live() as progress:
         t0 = time.perf_counter()
-        results["ruler"] = run_suite(
-            loaded.net, tasks, lengths, num_samples, cfg.seed, batch_size=cfg.batch_size,
-            max_batch_tokens=cfg.max_batch_tokens, device=device, precision=precision,
-            vocab_size=tcfg.data.vocab_size, language_seed=tcfg.data.get("language_seed", 0), task_kwargs=task_kwargs,
-            log=log, progress=progress)
+        if text:  # the suite's text form, with the run's tokenizer and held-out text
+            results["ruler"] = run_text_suite(
+                loaded.net, tasks, lengths, num_samples, ruler_seed(cfg.seed), data_cfg=tcfg.data,
+                tokenizer=tcfg.get("tokenizer"), batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                device=device, decode=cfg.decode, autocast=lambda: autocast(device, precision), log=log)
+        else:
+            results["ruler"] = run_suite(
+                loaded.net, tasks, lengths, num_samples, cfg.seed, batch_size=cfg.batch_size,
+                max_batch_tokens=cfg.max_batch_tokens, device=device, precision=precision,
+                vocab_size=tcfg.data.vocab_size, language_seed=tcfg.data.get("language_seed", 0),
+                task_kwargs=task_kwargs, log=log, progress=progress)
         timing["ruler"] = time.perf_counter() - t0
         if cfg.perplexity.enabled:
             t0 = time.perf_counter()
@@ -206,7 +229,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.fidelity.enabled:
             t0 = time.perf_counter()
             progress.stage(f"fidelity @ {fid_len}")
-            data = heldout_dataset(loaded, fid_len, cfg.fidelity.num_samples, cfg.seed)
+            data = heldout_dataset(loaded, fid_len, cfg.fidelity.num_samples, cfg.seed, "fidelity")
             results["fidelity"] = selection_fidelity(loaded.net, data, device, precision, progress)
             timing["fidelity"] = time.perf_counter() - t0
     results["timing_s"] = timing

@@ -36,9 +36,11 @@ def _build(factory: Callable[..., nn.Module] | nn.Module | None, **kwargs) -> nn
 
 
 class _Projections(nn.Module):
-    """q/k/v/o projections with GQA shapes; validates the head layout."""
+    """q/k/v/o projections with GQA shapes; validates the head layout. ``qkv_bias``: biases on the q, k and v
+    projections (Qwen2's layout; the output projection never has one)."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None, qk_norm: bool) -> None:
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None, qk_norm: bool,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         check_positive_int("model.d_model", d_model)
         check_positive_int("model.n_heads", n_heads)
@@ -48,9 +50,9 @@ class _Projections(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
         check_positive_int("model.head_dim", self.head_dim)
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -118,8 +120,8 @@ class SPLAAttention(_Projections):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None, *,
                  scorer: Callable[..., nn.Module] | nn.Module | None, sparse: Callable[..., nn.Module] | nn.Module,
                  rla: Callable[..., nn.Module] | nn.Module | None = None, qk_norm: bool = False,
-                 layer_idx: int = 0, impl: str = "auto") -> None:
-        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm)
+                 qkv_bias: bool = False, layer_idx: int = 0, impl: str = "auto") -> None:
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm, qkv_bias)
         self.sparse = _build(sparse, layer_idx=layer_idx)
         self.scorer = _build(scorer, layer_idx=layer_idx) if self.sparse.mode == "topk" else None
         if self.sparse.mode == "topk" and self.scorer is None:
@@ -163,8 +165,8 @@ class DenseAttention(_Projections):
     """Dense causal softmax attention (``model=dense`` baseline), through SDPA."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None, *,
-                 qk_norm: bool = False, layer_idx: int = 0) -> None:
-        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm)
+                 qk_norm: bool = False, qkv_bias: bool = False, layer_idx: int = 0) -> None:
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm, qkv_bias)
         self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, rope=None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,8 +188,9 @@ class LinearAttention(_Projections):
     """Pure causal linear attention (``model=linear`` baseline): ``norm(phi(q)^T S_i / phi(q)^T z_i)``."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None, *,
-                 feature_map: str = "elu1", qk_norm: bool = False, layer_idx: int = 0) -> None:
-        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm)
+                 feature_map: str = "elu1", qk_norm: bool = False, qkv_bias: bool = False,
+                 layer_idx: int = 0) -> None:
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qk_norm, qkv_bias)
         check_choice("model.attention.feature_map", feature_map, POSITIVE_FEATURE_MAPS)
         self.phi = ops.feature_map(feature_map)
         self.norm = RMSNorm(self.head_dim)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +46,18 @@ class DecoderLM(nn.Module):
     """Decoder-only LM. ``attention`` is a factory called once per layer with
     ``(d_model, n_heads, n_kv_heads, head_dim, layer_idx)`` (a Hydra ``_partial_`` config).
 
+    The MLP's hidden width is ``mlp_hidden`` when given (exact, e.g. a pretrained checkpoint's intermediate
+    size), else ``mlp_ratio * d_model`` rounded up to a multiple of ``mlp_multiple_of``. ``rope_scaling``: see
+    :func:`spla_lit.layers.rope.rope_inv_freq` (None: plain RoPE with ``rope_theta``).
+
     forward: input_ids [B, N] (and optional ``cu_seqlens`` for packed rows, B == 1) -> logits [B, N, vocab].
     """
 
     def __init__(self, vocab_size: int, attention: Callable[..., nn.Module], d_model: int = 128, n_layers: int = 4,
                  n_heads: int = 4, n_kv_heads: int = 2, head_dim: int | None = None, mlp_ratio: float = 8 / 3,
-                 mlp_multiple_of: int = 32, rope_theta: float = 10000.0, norm_eps: float = 1e-6,
-                 tie_embeddings: bool = True, init_std: float = 0.02, activation_checkpointing: bool = False) -> None:
+                 mlp_multiple_of: int = 32, mlp_hidden: int | None = None, rope_theta: float = 10000.0,
+                 rope_scaling: Mapping[str, Any] | None = None, norm_eps: float = 1e-6, tie_embeddings: bool = True,
+                 init_std: float = 0.02, activation_checkpointing: bool = False) -> None:
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
                             ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)]:
@@ -59,13 +65,17 @@ class DecoderLM(nn.Module):
         if n_heads % n_kv_heads:
             raise ValueError(f"model.n_heads ({n_heads}) must be a multiple of model.n_kv_heads ({n_kv_heads})")
         head_dim = head_dim or d_model // n_heads
-        hidden = int(mlp_ratio * d_model)
-        hidden = mlp_multiple_of * -(-hidden // mlp_multiple_of)
+        if mlp_hidden is None:
+            hidden = int(mlp_ratio * d_model)
+            hidden = mlp_multiple_of * -(-hidden // mlp_multiple_of)
+        else:
+            hidden = check_positive_int("model.mlp_hidden", mlp_hidden)
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_hidden = n_heads, n_kv_heads, head_dim, hidden
+        self.norm_eps, self.tie_embeddings = norm_eps, tie_embeddings
         self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.rope = RotaryEmbedding(head_dim, rope_theta, rope_scaling)
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, attention(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                                 head_dim=head_dim, layer_idx=i), hidden, norm_eps)

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .callbacks import NonFiniteLossError
 from .checkpoint_io import CheckpointError
-from .schedule import warmup_cosine
+from .schedule import held_then_warmup_cosine, warmup_cosine
 
 IGNORE = -100
 
@@ -30,6 +30,12 @@ class LMModule(L.LightningModule):
         weight_decay: applied to matrices only (not norms, biases, embeddings' gains).
         task_names: validation task names, for per-task answer accuracy.
         run_config: the resolved run config, stored in every checkpoint (``eval.py`` rebuilds the model from it).
+        new_parameters: names of ``net``'s parameters a pretrained checkpoint did not provide (``init_from``);
+            they and the pretrained ones form separate parameter groups.
+        freeze_pretrained_steps: for the first N optimizer steps only ``new_parameters`` are updated: the others'
+            LR is 0 (their gradients still feed AdamW's moments, and the optimizer state and checkpoints keep one
+            layout throughout, so a resume at any step is exact); from step N they follow the warmup + cosine
+            schedule shifted to start at N.
 
     Logged: ``train/loss``, ``train/grad_norm``, the LR, SPLA internals (``train/rla/gate_abs``,
     ``train/rla/residual_share``), ``val/loss``, ``val/ppl``, ``val/answer_acc`` (token accuracy on answer
@@ -39,10 +45,19 @@ class LMModule(L.LightningModule):
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1, total_steps: int = 1000,
                  weight_decay: float = 0.1, task_names: Sequence[str] = (),
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None, new_parameters: Sequence[str] = (),
+                 freeze_pretrained_steps: int = 0) -> None:
         super().__init__()
         task_names = [str(t) for t in task_names]  # plain strings: checkpoints load with weights_only=True
-        self.save_hyperparameters(ignore=["net", "optimizer", "run_config"], logger=False)
+        if isinstance(freeze_pretrained_steps, bool) or not isinstance(freeze_pretrained_steps, int) \
+                or freeze_pretrained_steps < 0:
+            raise ValueError(f"optim.freeze_pretrained_steps: must be an integer >= 0, got {freeze_pretrained_steps!r}")
+        known = {n for n, _ in net.named_parameters()}
+        unknown = [n for n in new_parameters if n not in known]
+        if unknown:
+            raise ValueError(f"new_parameters: {unknown[:3]} are not parameters of the network")
+        self.new_parameters = [str(n) for n in new_parameters]
+        self.save_hyperparameters(ignore=["net", "optimizer", "run_config", "new_parameters"], logger=False)
         self.net = net
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95))
         self.run_config = run_config
@@ -143,16 +158,23 @@ class LMModule(L.LightningModule):
         configure_model(self)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for _, p in self.net.named_parameters():
+        # Groups: (pretrained | new) x (decay: matrices | no decay); empty groups are left out, so the layout
+        # depends only on the model and init_from (the same when a run resumes).
+        new = set(self.new_parameters)
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.net.named_parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups)
-        schedule = partial(warmup_cosine, warmup_steps=self.hparams.warmup_steps,
-                           total_steps=self.hparams.total_steps, min_lr_ratio=self.hparams.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+                groups.setdefault((name in new, p.dim() >= 2), []).append(p)
+        hp = self.hparams
+        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=hp.total_steps,
+                           min_lr_ratio=hp.min_lr_ratio)
+        held = partial(held_then_warmup_cosine, hold_steps=hp.freeze_pretrained_steps, warmup_steps=hp.warmup_steps,
+                       total_steps=hp.total_steps, min_lr_ratio=hp.min_lr_ratio)
+        order = sorted(groups, key=lambda g: (g[0], not g[1]))  # pretrained first, decay first
+        optimizer = self.optimizer_factory([{"params": groups[g], "weight_decay": hp.weight_decay if g[1] else 0.0}
+                                            for g in order])
+        lambdas = [schedule if is_new or not hp.freeze_pretrained_steps else held for is_new, _ in order]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:

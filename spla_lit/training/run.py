@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, config_warnings, uses_spla, validate_config
+from ..hf.init_from import apply_init_from, init_weights, record_tokenizer
 from ..safety import check_targets, safe_instantiate
 from .callbacks import CompileReport, FinalHparams, GracefulStop, ModelSummary
 from .checkpoint_io import AtomicCheckpointIO, inspect_checkpoint
@@ -65,6 +66,7 @@ def check_run(cfg: DictConfig) -> int | None:
     warnings (logged), every ``_target_`` against the allowlist, and the checkpoint of ``ckpt_path`` (read
     without its tensors: a missing, foreign or unsafe file fails here; its checksums are verified when it is
     loaded). Returns the step the run resumes from (None: a fresh run). Raises :class:`ConfigError`."""
+    apply_init_from(cfg)  # with init_from, the checkpoint's sizes are the ones to check (idempotent)
     validate_config(cfg)
     for message in config_warnings(cfg):
         log.warning("%s", message)
@@ -83,12 +85,17 @@ def check_run(cfg: DictConfig) -> int | None:
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
-    """Validate ``cfg`` and build the data module and the LightningModule (model inside)."""
+    """Validate ``cfg`` and build the data module and the LightningModule (model inside). With ``init_from``, the
+    model's sizes and weights come from a Hugging Face checkpoint (``spla_lit.hf.init_from``)."""
+    init = apply_init_from(cfg)
     validate_config(cfg)
+    record_tokenizer(cfg, init)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = safe_instantiate(cfg.data, "data")
     net = safe_instantiate(cfg.model, "model")
-    module = safe_instantiate(cfg.module, "module", net=net, task_names=datamodule.val_dataset.task_names)
+    new_parameters = init_weights(cfg, net, init)
+    module = safe_instantiate(cfg.module, "module", net=net, task_names=datamodule.val_dataset.task_names,
+                              new_parameters=new_parameters)
     # Stored in every checkpoint so eval.py can rebuild the model (set after instantiation: Hydra would
     # otherwise instantiate the _target_ entries inside it).
     plain = OmegaConf.to_container(cfg, resolve=False)

@@ -1,10 +1,14 @@
-"""Helpers of the real-text tests: a tiny generated corpus of .txt, .jsonl and .parquet files."""
+"""Helpers of the real-text tests: a tiny generated corpus of .txt, .jsonl and .parquet files, and the fixtures
+built on it (a conftest imports them): ``corpus``, ``tokenizer_dir`` (a BPE tokenizer trained on it in the test
+session) and ``prepared`` (the corpus in token shards)."""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+
+import pytest
 
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu",
          "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "café", "naïve",
@@ -46,3 +50,29 @@ def make_corpus(root: Path, seed: int = 0) -> list[str]:
     pq.write_table(pa.table({"text": rows + [None], "n": list(range(6))}), root / "f.parquet")
     docs += rows
     return docs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    pytest.importorskip("pyarrow", reason='the hf extra: pip install "spla[hf]"')
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus) -> Path:
+    pytest.importorskip("tokenizers", reason='the hf extra: pip install "spla[hf]"')
+    from spla_lit.data.train_tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(str(corpus[0]), vocab_size=320, out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus, tokenizer_dir) -> Path:
+    from spla_lit.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(str(corpus[0]), tokenizer_dir, out, shard_tokens=SHARD_TOKENS, progress=False)
+    return out

@@ -1,0 +1,3 @@
+"""Fixtures of the text-suite tests (tests/textdata.py): a tiny corpus, its tokenizer, the prepared shards."""
+
+from textdata import corpus, prepared, tokenizer_dir  # noqa: F401  (fixtures)
