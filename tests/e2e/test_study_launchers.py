@@ -13,6 +13,7 @@ from hydra_utils import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
 
 from _launch import Job, assign_gpus, max_time, run_jobs, visible_gpus, width_overrides  # noqa: E402
+from calibrate import batch_rate_ratio, grid, parse_args  # noqa: E402
 
 
 def _py(code: str) -> list[str]:
@@ -110,6 +111,30 @@ def test_width_overrides_and_max_time():
     assert max_time(395.7) == "00:00:06:35" and max_time(0) == "00:00:00:01"
 
 
+def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_the_first_point(tmp_path):
+    runs = grid(parse_args(["--out", str(tmp_path), "--lrs", "3e-3", "1e-3"]))
+    dense = [r for r in runs if r[1] == "dense"]
+    assert len(dense) == 8 and [r[1] for r in runs[8:]] == ["taylor2"]
+    assert {(k["lr"], k["alw"], k["batch"]) for _, _, _, k in dense} == {
+        (lr, w, b) for lr in (3e-3, 1e-3) for w in (1.0, 0.0) for b in (16, 8)}
+    name, _, overrides, knobs = runs[8]
+    assert knobs == dense[0][3] and name == "probe_taylor2_lr0.003_d256_single_w1_b16"
+    assert {"optim.lr=0.003", "module.answer_loss_weight=1.0", "data.batch_size=16", "model.d_model=256"} <= set(
+        overrides)
+    assert len(grid(parse_args(["--out", str(tmp_path)]))) == 5  # the default: 4 dense runs + the probe
+
+
+def test_step_budget_scales_the_probe_rate_by_the_dense_batch_ratio():
+    row = dict(lr=3e-3, width=256, mixture="single", alw=1.0)
+    dense = [{**row, "batch": 16, "steps_per_s": 10.0}, {**row, "batch": 8, "steps_per_s": 15.0},
+             {**row, "alw": 0.0, "batch": 8, "steps_per_s": 99.0}]
+    probe = {**row, "batch": 16, "steps_per_s": 5.0}
+    assert batch_rate_ratio(dense, probe, {**row, "batch": 8}) == 1.5
+    assert batch_rate_ratio(dense, probe, {**row, "batch": 16}) == 1.0
+    assert batch_rate_ratio(dense, probe, {**row, "batch": 4}) == 1.0  # no dense run at that batch: unscaled
+    assert batch_rate_ratio(dense, probe, None) == 1.0
+
+
 @pytest.mark.slow
 def test_stage_a_launcher_tiny_cpu_run(tmp_path):
     out = tmp_path / "out"
@@ -136,7 +161,8 @@ def test_calibration_launcher_tiny_cpu_run(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "benchmarks/study/calibrate.py", "--tiny", "--device", "cpu", "--lrs", "1e-3",
-         "--widths", "32", "--mixtures", "easy", "--probe", "--max-steps", "2", "--val-every", "1",
+         "--widths", "32", "--mixtures", "easy", "--answer-loss-weights", "1", "--batch-sizes", "2", "--probe",
+         "--max-steps", "2", "--val-every", "1",
          "--num-samples", "2", "--train-s", "300", "--startup-s", "10", "--eval-s", "300", "--out", str(out),
          "--workdir", str(tmp_path / "runs")],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -144,6 +170,7 @@ def test_calibration_launcher_tiny_cpu_run(tmp_path):
     summary = json.loads((out / "calibration.json").read_text())
     (row,) = summary["rows"]
     assert row["mixture"] == "easy" and row["steps"] == 2 and set(row["eval"]) == {"niah_single", "mqar"}
+    assert row["alw"] == 1.0 and row["batch"] == 2
     record = summary["records"][0]
     assert record["config"]["data.task_kwargs"] == {"mqar": {"num_pairs": 8, "num_queries": 4}}
     assert [h["step"] for h in record["train"]["val_history"]] == [1, 2]  # optimizer steps, not TensorBoard's
