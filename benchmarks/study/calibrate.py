@@ -49,9 +49,11 @@ from _launch import (
     write_commands,
 )
 
-# Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), an easier MQAR (8 pairs,
-# 4 queries; training and evaluation alike), or the NIAH variant mix + MQAR (harder).
+# Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), MQAR querying all 16 pairs
+# (twice the answer tokens per sample: more retrieval signal per step), an easier MQAR (8 pairs, 4 queries), or the
+# NIAH variant mix + MQAR (harder); training and evaluation alike.
 MIXTURES = {"single": [],
+            "allq": ["+data.task_kwargs.mqar.num_queries=16"],
             "easy": ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
             "niah": ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
 TARGET = 0.9
@@ -65,10 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", nargs="+", type=int, default=[256],
                    help="d_model (heads of 64, 16 with --tiny); e.g. 256 384 doubles the grid, halving each run's "
                         "share of the GPU")
-    p.add_argument("--mixtures", nargs="+", default=["single"], choices=sorted(MIXTURES),
+    p.add_argument("--mixtures", nargs="+", default=["single", "allq"], choices=sorted(MIXTURES),
                    help="training mixtures; the first one reaching the target is preferred")
-    p.add_argument("--answer-loss-weights", nargs="+", type=float, default=[1.0, 0.0],
-                   help="module.answer_loss_weight (0: the plain LM loss over every token)")
+    p.add_argument("--answer-loss-weights", nargs="+", type=float, default=[1.0],
+                   help="module.answer_loss_weight (0: the plain LM loss over every token; calibration 1 was the "
+                        "weight-0 control)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 8],
                    help="data.batch_size (sequences of 1024 tokens): fewer tokens per step, more steps")
     p.add_argument("--probe", nargs="*", default=["taylor2"],

@@ -112,7 +112,8 @@ def test_width_overrides_and_max_time():
 
 
 def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_the_first_point(tmp_path):
-    runs = grid(parse_args(["--out", str(tmp_path), "--lrs", "3e-3", "1e-3"]))
+    runs = grid(parse_args(["--out", str(tmp_path), "--lrs", "3e-3", "1e-3", "--answer-loss-weights", "1", "0",
+                            "--mixtures", "single"]))
     dense = [r for r in runs if r[1] == "dense"]
     assert len(dense) == 8 and [r[1] for r in runs[8:]] == ["taylor2"]
     assert {(k["lr"], k["alw"], k["batch"]) for _, _, _, k in dense} == {
@@ -121,7 +122,8 @@ def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_th
     assert knobs == dense[0][3] and name == "probe_taylor2_lr0.003_d256_single_w1_b16"
     assert {"optim.lr=0.003", "module.answer_loss_weight=1.0", "data.batch_size=16", "model.d_model=256"} <= set(
         overrides)
-    assert len(grid(parse_args(["--out", str(tmp_path)]))) == 5  # the default: 4 dense runs + the probe
+    default = grid(parse_args(["--out", str(tmp_path)]))  # batch {16, 8} x mixture {single, allq} + the probe
+    assert len(default) == 5 and "+data.task_kwargs.mqar.num_queries=16" in default[1][2] + default[3][2]
 
 
 def test_step_budget_scales_the_probe_rate_by_the_dense_batch_ratio():
