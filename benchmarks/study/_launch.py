@@ -1,8 +1,10 @@
 """Shared by the study launchers: run many ``train.py`` / ``eval.py`` processes at once on one machine.
 
 Each job is one process in its own session (so a deadline can kill it with its data-loader workers), pinned to
-one GPU by ``CUDA_VISIBLE_DEVICES`` and capped to a few CPU threads. A phase has a deadline: jobs still running
-then are terminated (SIGTERM, then SIGKILL after a grace period) and reported, never waited for.
+one GPU by ``CUDA_VISIBLE_DEVICES`` (one of the launcher's GPUs: ``--gpus``, else the incoming
+``CUDA_VISIBLE_DEVICES``, else all; :func:`visible_gpus`) and capped to a few CPU threads. A phase has a
+deadline: jobs still running then are terminated (SIGTERM, then SIGKILL after a grace period) and reported,
+never waited for.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class Job:
     argv: list[str]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
-    gpu: int | None = None
+    gpu: str | None = None  # its CUDA_VISIBLE_DEVICES entry
 
 
 @dataclass
@@ -93,24 +95,54 @@ def thread_env(threads: int) -> dict[str, str]:
     return {k: n for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
 
 
-def gpu_count(device: str) -> int:
-    """Visible CUDA devices for ``device='cuda'`` (an error without any), 0 for ``cpu``."""
-    if device == "cpu":
-        return 0
-    import torch
+def visible_gpus(device: str, gpus: str | None = None, environ: Mapping[str, str] | None = None,
+                 device_count: Callable[[], int] | None = None) -> list[str]:
+    """The GPUs the jobs may use, as ``CUDA_VISIBLE_DEVICES`` entries of the launcher's environment ([] for ``cpu``).
 
-    n = torch.cuda.device_count()
+    ``gpus`` (``--gpus``, e.g. ``"0,1"``) wins; otherwise an incoming ``CUDA_VISIBLE_DEVICES`` (the caller's
+    choice, e.g. ``CUDA_VISIBLE_DEVICES=1 python calibrate.py ...`` beside a benchmark on GPU 0) is kept as it is;
+    otherwise every device torch sees (``0 .. n-1``). With both, ``gpus`` must be a subset of the incoming list (a
+    job can only narrow the caller's choice). ``environ`` and ``device_count`` default to ``os.environ`` and
+    ``torch.cuda.device_count`` (tests pass fakes)."""
+    environ = os.environ if environ is None else environ
+    incoming = environ.get("CUDA_VISIBLE_DEVICES")
+    given = None if incoming is None else [d.strip() for d in incoming.split(",") if d.strip()]
+    if device == "cpu":
+        if gpus:
+            raise SystemExit("--gpus: given with --device cpu (GPUs are only used with --device cuda)")
+        return []
+    if given == []:
+        raise SystemExit(f"--device cuda: CUDA_VISIBLE_DEVICES={incoming!r} hides every GPU")
+    if gpus is not None:
+        ids = [d.strip() for d in gpus.split(",") if d.strip()]
+        if not ids or len(set(ids)) != len(ids):
+            raise SystemExit(f"--gpus: expected distinct comma-separated device ids such as 0,1, got {gpus!r}")
+        outside = [d for d in ids if given is not None and d not in given]
+        if outside:
+            raise SystemExit(f"--gpus: {','.join(outside)} not in the incoming CUDA_VISIBLE_DEVICES={incoming}")
+    else:
+        ids = given
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count
+    n = device_count()
     if n < 1:
         raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu for a dry run)")
-    return n
+    if ids is None:
+        return [str(i) for i in range(n)]
+    if given is None and any(d.isdigit() and int(d) >= n for d in ids):
+        raise SystemExit(f"--gpus: {gpus} names a device beyond the {n} visible ones")
+    return ids
 
 
-def assign_gpus(jobs: Sequence[Job], n_gpus: int) -> None:
-    """Round-robin ``jobs`` over ``n_gpus`` devices (in list order), in place; nothing for the CPU."""
+def assign_gpus(jobs: Sequence[Job], gpus: Sequence[str]) -> None:
+    """Round-robin ``jobs`` over the device ids ``gpus`` (:func:`visible_gpus`) in list order, in place: each job
+    gets ``CUDA_VISIBLE_DEVICES=<its id>``; nothing for the CPU (``gpus`` empty)."""
     for i, job in enumerate(jobs):
-        if n_gpus:
-            job.gpu = i % n_gpus
-            job.env["CUDA_VISIBLE_DEVICES"] = str(job.gpu)
+        if gpus:
+            job.gpu = str(gpus[i % len(gpus)])
+            job.env["CUDA_VISIBLE_DEVICES"] = job.gpu
 
 
 def command_line(job: Job) -> str:
@@ -241,13 +273,15 @@ def has_checkpoint(job: Job) -> bool:
     return (job.log.parent / "checkpoints" / "last.ckpt").is_file()
 
 
-def log_setup(log: Callable[[str], None], n_gpus: int) -> None:
+def log_setup(log: Callable[[str], None], gpus: Sequence[str]) -> None:
+    """Python, torch and the GPUs: the jobs' ``CUDA_VISIBLE_DEVICES`` entries and the devices the launcher sees."""
     log(f"python {sys.version.split()[0]}; cwd {ROOT}")
-    if n_gpus:
+    if gpus:
         import torch
 
-        log(f"torch {torch.__version__}; " + "; ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}"
-                                                       for i in range(n_gpus)))
+        seen = "; ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
+        log(f"torch {torch.__version__}; jobs pinned to CUDA_VISIBLE_DEVICES in [{','.join(gpus)}] (incoming "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); the launcher sees {seen}")
 
 
 def write_commands(path: Path, train: Sequence[Job], evals: Sequence[Job]) -> None:

@@ -1,4 +1,5 @@
-"""Calibrate study stage A: a small grid of dense runs (lr x width x mixture) trained at once on one GPU for a
+"""Calibrate study stage A: a small grid of dense runs (lr x answer-loss weight x batch size, optionally x width x
+mixture) trained at once on one GPU for a
 fixed wall time, then evaluated at the training length; which configs reach >= 90% exact match on niah_single and
 mqar, after how many steps and tokens, at what throughput. Optional SPLA probe runs measure the sparse arms'
 throughput under the same load, to size stage A (benchmarks/study/stage_a.py --steps).
@@ -6,7 +7,7 @@ throughput under the same load, to size stage A (benchmarks/study/stage_a.py --s
     python benchmarks/study/calibrate.py --out $OUT                                   # the GPU call (~3.5 min)
     python benchmarks/study/calibrate.py --out $OUT --widths 256 384                  # + the width axis
     python benchmarks/study/calibrate.py --tiny --device cpu --lrs 1e-3 --widths 32 --mixtures single \\
-        --probe taylor2 --out /tmp/calib                                               # CPU dry run
+        --answer-loss-weights 1 --batch-sizes 2 --probe taylor2 --out /tmp/calib      # CPU dry run
 
 Every run is ``python train.py experiment=study_a +variant=dense seed=1 <grid overrides>`` with a schedule of
 --max-steps and ``trainer.max_time`` = --train-s - --startup-s; validation (val/acc/niah_single, val/acc/mqar,
@@ -36,7 +37,6 @@ from _launch import (
     assign_gpus,
     default_impl,
     eval_job,
-    gpu_count,
     has_checkpoint,
     log_setup,
     max_time,
@@ -44,13 +44,16 @@ from _launch import (
     run_jobs,
     thread_env,
     train_length,
+    visible_gpus,
     width_overrides,
     write_commands,
 )
 
-# Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), an easier MQAR (8 pairs,
-# 4 queries; training and evaluation alike), or the NIAH variant mix + MQAR (harder).
+# Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), MQAR querying all 16 pairs
+# (twice the answer tokens per sample: more retrieval signal per step), an easier MQAR (8 pairs, 4 queries), or the
+# NIAH variant mix + MQAR (harder); training and evaluation alike.
 MIXTURES = {"single": [],
+            "allq": ["+data.task_kwargs.mqar.num_queries=16"],
             "easy": ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
             "niah": ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
 TARGET = 0.9
@@ -60,14 +63,19 @@ TASKS = ("niah_single", "mqar")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (the device's $OUT)")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3])
+    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
     p.add_argument("--widths", nargs="+", type=int, default=[256],
                    help="d_model (heads of 64, 16 with --tiny); e.g. 256 384 doubles the grid, halving each run's "
                         "share of the GPU")
-    p.add_argument("--mixtures", nargs="+", default=["single", "easy"], choices=sorted(MIXTURES),
+    p.add_argument("--mixtures", nargs="+", default=["single", "allq"], choices=sorted(MIXTURES),
                    help="training mixtures; the first one reaching the target is preferred")
+    p.add_argument("--answer-loss-weights", nargs="+", type=float, default=[1.0],
+                   help="module.answer_loss_weight (0: the plain LM loss over every token; calibration 1 was the "
+                        "weight-0 control)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 8],
+                   help="data.batch_size (sequences of 1024 tokens): fewer tokens per step, more steps")
     p.add_argument("--probe", nargs="*", default=["taylor2"],
-                   help="SPLA arms run beside the grid (first lr, width and mixture) to measure their throughput")
+                   help="SPLA arms run beside the grid (the first value of every axis) to measure their throughput")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides for every run")
     p.add_argument("--max-steps", type=int, default=4000, help="trainer.max_steps: the LR schedule's length")
     p.add_argument("--val-every", type=int, default=100, help="trainer.val_check_interval")
@@ -80,25 +88,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-a-startup-s", type=float, default=60, help="stage A's --startup-s")
     p.add_argument("--stage-a-jobs-per-gpu", type=int, default=12, help="24 runs on 2 GPUs: 12")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--gpus", default=None,
+                   help="CUDA_VISIBLE_DEVICES ids, e.g. 1 (default: the incoming CUDA_VISIBLE_DEVICES, else all); "
+                        "the calibration uses the first one only")
     p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/spla_study"), help="where run directories go")
     return p.parse_args(argv)
 
 
+def knob_overrides(knobs: dict[str, Any], tiny: bool) -> list[str]:
+    """train.py overrides of one grid point (``lr``, ``width``, ``mixture``, ``alw``, ``batch``)."""
+    return [f"optim.lr={knobs['lr']}", *width_overrides(knobs["width"], TINY_HEAD_DIM if tiny else 64),
+            *MIXTURES[knobs["mixture"]], f"module.answer_loss_weight={knobs['alw']}",
+            f"data.batch_size={knobs['batch']}"]
+
+
+def _name(knobs: dict[str, Any]) -> str:
+    return f"lr{knobs['lr']:g}_d{knobs['width']}_{knobs['mixture']}_w{knobs['alw']:g}_b{knobs['batch']}"
+
+
 def grid(args: argparse.Namespace) -> list[tuple[str, str, list[str], dict[str, Any]]]:
-    """(name, arm, overrides, knobs) per run: the dense grid, then the probes."""
-    head_dim = TINY_HEAD_DIM if args.tiny else 64
-    runs = []
-    for lr, width, mix in itertools.product(args.lrs, args.widths, args.mixtures):
-        knobs = {"lr": lr, "width": width, "mixture": mix}
-        runs.append((f"dense_lr{lr:g}_d{width}_{mix}", "dense",
-                     [f"optim.lr={lr}", *width_overrides(width, head_dim), *MIXTURES[mix]], knobs))
-    lr, width, mix = args.lrs[0], args.widths[0], args.mixtures[0]
-    for arm in args.probe:
-        runs.append((f"probe_{arm}_lr{lr:g}_d{width}_{mix}", arm,
-                     [f"optim.lr={lr}", *width_overrides(width, head_dim), *MIXTURES[mix]],
-                     {"lr": lr, "width": width, "mixture": mix}))
+    """(name, arm, overrides, knobs) per run: the dense grid, then the probes (at the first value of every axis)."""
+    axes = (args.lrs, args.widths, args.mixtures, args.answer_loss_weights, args.batch_sizes)
+    points = [dict(zip(("lr", "width", "mixture", "alw", "batch"), p)) for p in itertools.product(*axes)]
+    runs = [(f"dense_{_name(k)}", "dense", knob_overrides(k, args.tiny), k) for k in points]
+    runs += [(f"probe_{arm}_{_name(points[0])}", arm, knob_overrides(points[0], args.tiny), points[0])
+             for arm in args.probe]
     return runs
 
 
@@ -143,8 +159,9 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     basis = slow or (best if best and best["steps_per_s"] else None)
     budget = None
     if basis:
+        rate = basis["steps_per_s"] * batch_rate_ratio(dense, basis, best)
         # GPU time-slicing: a job gets ~1/N of the GPU, so its rate scales with (jobs now) / (jobs in stage A).
-        budget = int(0.85 * (args.stage_a_train_s - args.stage_a_startup_s) * basis["steps_per_s"]
+        budget = int(0.85 * (args.stage_a_train_s - args.stage_a_startup_s) * rate
                      * len(records) / args.stage_a_jobs_per_gpu)
     need = None
     if best and reached:
@@ -160,9 +177,21 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
     return {"rows": rows, "suggestion": suggestion, "concurrent_jobs": len(records), "target": TARGET}
 
 
+def batch_rate_ratio(dense: list[dict[str, Any]], basis: dict[str, Any], best: dict[str, Any] | None) -> float:
+    """Steps/s at ``best``'s batch size over steps/s at ``basis``'s (the probe measured one batch size only): the
+    ratio of the two dense runs that differ from ``basis`` only in the batch size; 1 when there are none."""
+    if not best or best.get("batch") == basis.get("batch"):
+        return 1.0
+    same = ("lr", "width", "mixture", "alw")
+    def twin(batch: int) -> dict[str, Any] | None:
+        return next((x for x in dense if x.get("batch") == batch and x["steps_per_s"]
+                     and all(x.get(k) == basis.get(k) for k in same)), None)
+    at_best, at_basis = twin(best["batch"]), twin(basis["batch"])
+    return at_best["steps_per_s"] / at_basis["steps_per_s"] if at_best and at_basis else 1.0
+
+
 def best_overrides(best: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    head_dim = TINY_HEAD_DIM if args.tiny else 64
-    return [f"optim.lr={best['lr']}", *width_overrides(best["width"], head_dim), *MIXTURES[best["mixture"]]]
+    return knob_overrides({k: best[k] for k in ("lr", "width", "mixture", "alw", "batch")}, args.tiny)
 
 
 def _pct(x: float | None) -> str:
@@ -184,9 +213,11 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, n_gpus: int) -> 
            f"(warmup + cosine; a run cut by max_time has not decayed). Validation every {args.val_every} steps "
            f"(128 samples, half niah_single, half mqar); eval: {args.num_samples} samples per task at the training "
            f"length. Target: >= {100 * TARGET:.0f}% exact match on both tasks.", "",
-           table(["run", "lr", "width", "mixture", "status", "steps", "tokens (M)", "tok/s (K)", "median tok/s (K)",
-                  "steps to 90% (val)", "tokens to 90% (M)", "val niah / mqar", "eval niah / mqar", ">= 90%"],
-                 [[f"`{x['job']}`", x.get("lr"), x.get("width"), x.get("mixture"), x["status"], x["steps"],
+           table(["run", "lr", "width", "mixture", "answer loss w", "batch", "status", "steps", "tokens (M)",
+                  "tok/s (K)", "median tok/s (K)", "steps to 90% (val)", "tokens to 90% (M)", "val niah / mqar",
+                  "eval niah / mqar", ">= 90%"],
+                 [[f"`{x['job']}`", x.get("lr"), x.get("width"), x.get("mixture"), x.get("alw"),
+                   x.get("batch"), x["status"], x["steps"],
                    _num(x["tokens"], 1e-6, 1), _num(x["tokens_per_s"], 1e-3), _num(x["tokens_per_s_median"], 1e-3),
                    x["steps_to_90"] or "-", _num(x["tokens_to_90"], 1e-6, 1),
                    f"{_pct(x['val']['niah_single'])} / {_pct(x['val']['mqar'])}",
@@ -198,7 +229,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, n_gpus: int) -> 
               "(**none reached the target**: the best by min(niah, mqar); stage A would run below it)"),
            f"- steps needed: 1.5 x the chosen run's steps to 90%, rounded up to 250: {s['steps_needed']}",
            f"- step budget: 0.85 x ({args.stage_a_train_s:.0f} - {args.stage_a_startup_s:.0f}) s x steps/s of "
-           f"{s['budget_basis']} here x {summary['concurrent_jobs']} jobs here / {args.stage_a_jobs_per_gpu} jobs "
+           f"{s['budget_basis']} here (x the dense steps/s ratio of the chosen batch size to the probe's) x "
+           f"{summary['concurrent_jobs']} jobs here / {args.stage_a_jobs_per_gpu} jobs "
            f"per GPU in stage A (assumes the GPU is time-sliced evenly between processes): {s['steps_budget']}",
            f"- suggested: `--steps {s['steps']}` ({s['binding']} binds) "
            f"`--set {' '.join(s['set'])}`" if s["steps"] else "- no suggestion: nothing was measured", ""]
@@ -212,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "launcher.log")
     run_root = (args.workdir / f"calib_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
-    n_gpus = gpu_count(args.device)
+    gpus = visible_gpus(args.device, args.gpus)[:1]  # one GPU: the calibration measures the load of one device
     impl = default_impl(args.impl, args.device)
     plan = grid(args)
     threads = max(1, (os.cpu_count() or 1) // len(plan))
@@ -226,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"hydra.run.dir={run_dir}", *extra, *overrides, *args.set]
         runs.append((Job(run_dir.name, argv_, run_dir / "train.out", thread_env(threads)), arm, 1))
     jobs = [j for j, _, _ in runs]
-    assign_gpus(jobs, min(n_gpus, 1))  # one GPU: the calibration measures the load of one device
-    log(f"calibration: {len(jobs)} runs at once on {'1 GPU' if n_gpus else 'the CPU'}, {threads} CPU thread(s) "
+    assign_gpus(jobs, gpus)
+    where = f"GPU {gpus[0]}" if gpus else "the CPU"
+    log(f"calibration: {len(jobs)} runs at once on {where}, {threads} CPU thread(s) "
         f"each, runs in {run_root}")
-    log_setup(log, min(n_gpus, 1))
+    log_setup(log, gpus)
     train_len = train_length(args.tiny, args.set)
     evals = {j.name: eval_job(j, args.device, impl, [
         f"lengths=[{train_len}]", f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}",
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records, args)
     write_json({**summary, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "records": records}, args.out / "calibration.json")
-    write_text(markdown(summary, args, min(n_gpus, 1)), args.out / "calibration.md")
+    write_text(markdown(summary, args, len(gpus)), args.out / "calibration.md")
     log(f"finished at {log.elapsed():.0f}s; suggestion: {json.dumps(summary['suggestion'])}")
     print((args.out / "calibration.md").read_text())
     return 0

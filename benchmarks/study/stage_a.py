@@ -33,7 +33,6 @@ from _launch import (
     assign_gpus,
     default_impl,
     eval_job,
-    gpu_count,
     has_checkpoint,
     log_setup,
     max_time,
@@ -41,6 +40,7 @@ from _launch import (
     run_jobs,
     thread_env,
     train_length,
+    visible_gpus,
     write_commands,
 )
 
@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-x", type=int, default=PPL_X, help="perplexity-by-position length, x training length")
     p.add_argument("--fidelity-samples", type=int, default=8)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--gpus", default=None,
+                   help="CUDA_VISIBLE_DEVICES ids the runs are spread over, e.g. 0,1 (default: the incoming "
+                        "CUDA_VISIBLE_DEVICES, else all)")
     p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run")
     p.add_argument("--max-parallel", type=int, default=None, help="jobs at once (default: all)")
@@ -106,17 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "launcher.log")
     run_root = (args.workdir / f"study_a_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
-    n_gpus = gpu_count(args.device)
+    gpus = visible_gpus(args.device, args.gpus)
     impl = default_impl(args.impl, args.device)
     threads = max(1, (os.cpu_count() or 1) // (len(args.arms) * len(args.seeds)))
     runs = train_jobs(args, run_root, threads, impl)
     jobs = [j for j, _, _ in runs]
-    assign_gpus(jobs, n_gpus)
+    assign_gpus(jobs, gpus)
     train_len = train_length(args.tiny, args.set)
     log(f"stage A: {len(jobs)} runs ({len(args.arms)} arms x seeds {args.seeds}), {args.steps} steps each, "
-        f"{n_gpus or 'no'} GPU(s), {threads} CPU thread(s) per job, runs in {run_root}; overrides for every run: "
-        f"{args.set or 'none'}")
-    log_setup(log, n_gpus)
+        f"GPUs [{','.join(gpus) or 'none'}], {threads} CPU thread(s) per job, runs in {run_root}; overrides for "
+        f"every run: {args.set or 'none'}")
+    log_setup(log, gpus)
     evals = {j.name: eval_job(j, args.device, impl, eval_overrides(args, arm, train_len)) for j, arm, _ in runs}
     write_commands(args.out / "commands.sh", jobs, list(evals.values()))
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("phase 3: run records, archive, tables")
     records = records_and_archive(runs, trained, evaluated, args.out / "study_a_runs.tar.gz", log,
-                                  concurrent_jobs=len(jobs), gpus=n_gpus)
+                                  concurrent_jobs=len(jobs), gpus=gpus)
     try:
         collect_study([r for r in records if "config" in r], args.out, name="study_a", write_runs=False)
         log(f"wrote {args.out / 'study_a.md'}")

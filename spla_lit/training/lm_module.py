@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -29,6 +30,11 @@ class LMModule(L.LightningModule):
         warmup_steps, min_lr_ratio, total_steps: the LR schedule (see ``warmup_cosine``).
         weight_decay: applied to matrices only (not norms, biases, embeddings' gains).
         task_names: validation task names, for per-task answer accuracy.
+        answer_loss_weight: training loss = LM loss over every token + ``answer_loss_weight`` x the mean loss over
+            the answer tokens (``answer_mask``; synthetic tasks). 0 (default): the plain LM loss. The answers are
+            ~0.2-2% of the tokens of a generated sequence, so with the plain loss the filler language dominates
+            the gradient and retrieval is learnt late or never (``benchmarks/study/README.md``). Validation
+            is unchanged (``val/loss`` stays the plain LM loss).
         run_config: the resolved run config, stored in every checkpoint (``eval.py`` rebuilds the model from it).
         new_parameters: names of ``net``'s parameters a pretrained checkpoint did not provide (``init_from``);
             they and the pretrained ones form separate parameter groups.
@@ -37,17 +43,21 @@ class LMModule(L.LightningModule):
             layout throughout, so a resume at any step is exact); from step N they follow the warmup + cosine
             schedule shifted to start at N.
 
-    Logged: ``train/loss``, ``train/grad_norm``, the LR, SPLA internals (``train/rla/gate_abs``,
-    ``train/rla/residual_share``), ``val/loss``, ``val/ppl``, ``val/answer_acc`` (token accuracy on answer
-    tokens), ``val/exact_match`` (all answer tokens of a sample right) and ``val/acc/<task>``.
+    Logged: ``train/loss`` (the optimised loss), ``train/answer_loss`` (with ``answer_loss_weight`` > 0),
+    ``train/grad_norm``, the LR, SPLA internals (``train/rla/gate_abs``, ``train/rla/residual_share``),
+    ``val/loss``, ``val/ppl``, ``val/answer_acc`` (token accuracy on answer tokens), ``val/exact_match`` (all
+    answer tokens of a sample right) and ``val/acc/<task>``.
     """
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1, total_steps: int = 1000,
                  weight_decay: float = 0.1, task_names: Sequence[str] = (),
                  run_config: dict[str, Any] | None = None, new_parameters: Sequence[str] = (),
-                 freeze_pretrained_steps: int = 0) -> None:
+                 freeze_pretrained_steps: int = 0, answer_loss_weight: float = 0.0) -> None:
         super().__init__()
+        if isinstance(answer_loss_weight, bool) or not isinstance(answer_loss_weight, (int, float)) \
+                or not math.isfinite(answer_loss_weight) or answer_loss_weight < 0:
+            raise ValueError(f"module.answer_loss_weight must be a finite number >= 0, got {answer_loss_weight!r}")
         task_names = [str(t) for t in task_names]  # plain strings: checkpoints load with weights_only=True
         if isinstance(freeze_pretrained_steps, bool) or not isinstance(freeze_pretrained_steps, int) \
                 or freeze_pretrained_steps < 0:
@@ -78,7 +88,15 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch.get("cu_seqlens"))
-        loss = self._loss(logits, batch["labels"])
+        weight = self.hparams.answer_loss_weight
+        if weight:
+            if batch.get("answer_mask") is None:
+                raise ValueError("module.answer_loss_weight > 0 needs batches with an answer_mask (data=synthetic); "
+                                 "this data module gives none")
+            loss, answer_loss = lm_loss(logits, batch["labels"], batch["answer_mask"], weight)
+            self.log("train/answer_loss", answer_loss, on_step=True, on_epoch=False)
+        else:
+            loss = self._loss(logits, batch["labels"])
         # Checked with the gradient norm before the optimizer step, not here: reading it now would make the
         # CPU wait for the forward, and the GPU idle while the backward is queued.
         self._step_losses.append(loss.detach())  # logged per optimizer step (the mean of its micro-batches)
@@ -192,6 +210,22 @@ class LMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["spla_config"] = self.run_config
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor,
+            answer_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, answer loss) of ``logits [B, N, V]`` for ``labels [B, N]`` (``IGNORE`` = no label).
+
+    answer loss = mean cross-entropy over the tokens where ``answer_mask [B, N]`` (bool) is set (0 when there are
+    none); training loss = mean cross-entropy over every labelled token + ``answer_loss_weight`` x answer loss.
+    """
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    labelled = labels.flatten() != IGNORE
+    answer = answer_mask.flatten() & labelled
+    # sums over masks rather than indexing: no host sync, the same graph for any number of answers
+    lm = (ce * labelled).sum() / labelled.sum().clamp(min=1)
+    ans = (ce * answer).sum() / answer.sum().clamp(min=1)
+    return lm + answer_loss_weight * ans, ans.detach()
 
 
 def _state_tensors(module: L.LightningModule) -> list[torch.Tensor]:
