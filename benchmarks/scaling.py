@@ -22,15 +22,15 @@ Arms (each a ``train.py trainer=fsdp`` run; names say GPUs, per-GPU micro-batch 
   sharding's at the first ``--hybrid-check-steps`` steps within ``--gn-rtol``.
 
 Each run trains ``--warmup`` + ``--steps`` steps; tokens/s is the median of the ``Throughput`` callback's
-10-batch windows from step ``--warmup`` on. Runs write Lightning CSV logs to ``OUT/runs/<arm>/metrics.csv``
-and their output to ``OUT/runs/<arm>.log``; each finished arm is recorded in ``OUT/arms/<arm>.json`` and not run
-again by a later call with the same command (so the check can be split over several calls: ``--only``);
-``OUT/summary.md`` and ``OUT/summary.json`` cover every recorded arm, with pass / fail / not run per target.
-``--export DIR`` copies them (no checkpoints) to DIR, e.g. ``$OUT`` of a device call.
+10-batch windows from step ``--warmup`` on. Runs write Lightning CSV logs (``logger=csv``) to
+``OUT/runs/<arm>/csv/metrics.csv`` and their output to ``OUT/runs/<arm>.log``; each finished arm is recorded
+in ``OUT/arms/<arm>.json`` and not run again by a later call with the same command (so the check can be split
+over several calls: ``--only``); ``OUT/summary.md`` and ``OUT/summary.json`` cover every recorded arm, with
+pass / fail / not run per target. ``--export DIR`` copies them (no checkpoints) to DIR, e.g. ``$OUT``.
 
 ``--cpu`` runs the same arms with gloo on CPU processes at the TINY sizes of ``tests/hydra_utils.py`` (one
-arm at a time), to exercise this script without a GPU. Losses, resume and hybrid sharding are then exact to
-float32 rounding; tokens/s mean nothing there.
+arm at a time; of ``--model`` only its activation checkpointing), to exercise this script without a GPU.
+Losses, resume and hybrid sharding are then exact to float32 rounding; tokens/s mean nothing there.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import datetime
 import fnmatch
+import importlib.util
 import json
 import math
 import os
@@ -54,8 +55,18 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks" / "fsdp_h200x2"))
-from summary import read  # noqa: E402  (section 5's CSVLogger reader: metric -> step -> value)
+
+
+def _section5_summary() -> Any:
+    """``benchmarks/fsdp_h200x2/summary.py`` (section 5's CSVLogger reader), loaded by path: no ``summary``
+    module on ``sys.path``."""
+    spec = importlib.util.spec_from_file_location("fsdp_h200x2_summary", ROOT / "benchmarks/fsdp_h200x2/summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+read = _section5_summary().read  # Lightning CSVLogger metrics.csv -> {metric: {step: mean value}}
 
 # The 355M SPLA model of BENCHMARKS.md section 5, and a ~1.5B one (1.50B parameters, 1.50B without the
 # embeddings) at 32K context with activation checkpointing (model.activation_checkpointing).
@@ -65,6 +76,8 @@ MODELS: dict[str, list[str]] = {
     "1.5b": ["data.seq_len=32768", "model.d_model=2048", "model.n_layers=34", "model.n_heads=16",
              "model.n_kv_heads=4", "sparse.block_size=64", "sparse.topk=16", "model.activation_checkpointing=true"],
 }
+SIZE_KEYS = ("data.seq_len=", "model.d_model=", "model.n_layers=", "model.n_heads=", "model.n_kv_heads=",
+             "sparse.block_size=", "sparse.topk=")
 # Per-GPU micro-batch that fits an H200 (141 GiB): 355M at 16K, batch 2: 78 GiB on one GPU (section 5).
 DEFAULT_BATCH = {"355m": 2, "1.5b": 1}
 # As benchmarks/fsdp_h200x2/*.sh: NVLink SHARP / multicast off (KINDS.md of the device machines).
@@ -131,7 +144,7 @@ def plan(args: argparse.Namespace) -> list[Arm]:
     for n in gpus:
         add(Arm(arm_name(n, args.batch, 1), ["pergpu"], n, args.batch, 1, total))
     source = glob[top]
-    if len(gpus) > 1:  # the checkpoint the smaller counts resume; one save only (2K > total)
+    if len(gpus) > 1:  # the checkpoint the smaller counts resume (saved every K steps: once if 2K > total)
         source.overrides += [f"callbacks.model_checkpoint.every_n_train_steps={total - args.resume_steps}",
                              "callbacks.model_checkpoint.save_last=false"]
         for n in reversed(gpus[:-1]):
@@ -170,22 +183,23 @@ def tiny_overrides() -> list[str]:
 def train_overrides(arm: Arm, args: argparse.Namespace, out: Path) -> list[str]:
     """The ``train.py`` overrides of ``arm`` (later entries win: one value per key)."""
     runs = out / "runs"
-    items = (tiny_overrides() if args.cpu else []) + MODELS[args.model] + [
+    model = MODELS[args.model]
+    if args.cpu:  # TINY sizes; the model's other knobs (activation checkpointing) still apply
+        model = tiny_overrides() + [o for o in model if not o.startswith(SIZE_KEYS)]
+    items = model + [
         "trainer=fsdp", f"trainer.devices={arm.gpus // arm.nodes}", f"trainer.num_nodes={arm.nodes}",
         f"data.batch_size={arm.batch}", f"trainer.accumulate_grad_batches={arm.accumulate}",
         f"trainer.max_steps={arm.max_steps}", f"optim.lr={args.lr}", f"optim.warmup_steps={args.lr_warmup}",
         "trainer.limit_val_batches=0", f"trainer.val_check_interval={arm.max_steps}",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         f"data.num_workers={0 if args.cpu else 2}", "~callbacks.progress_bar",
-        "~logger.tensorboard", "+logger.csv._target_=lightning.pytorch.loggers.CSVLogger",
-        f"+logger.csv.save_dir={runs}", f"+logger.csv.name={arm.name}", "+logger.csv.version=''",
-        "+logger.csv.flush_logs_every_n_steps=10", f"paths.log_dir={runs}", f"hydra.run.dir={runs / arm.name}",
+        "logger=csv", f"paths.log_dir={runs}", f"hydra.run.dir={runs / arm.name}",
     ]
     if not is_source(arm):
         items.append("~callbacks.model_checkpoint")
     if args.cpu:
         items += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-    items += arm.overrides
+    items += list(args.set) + arm.overrides
     if arm.after is not None:
         items.append(f"ckpt_path={source_checkpoint(out, arm.after, args)}")
     merged: dict[str, str | None] = {}
@@ -261,8 +275,19 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON atomically (temp name, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(no_nan(data), indent=1, allow_nan=False))
     os.replace(tmp, path)
+
+
+def no_nan(data: Any) -> Any:
+    """``data`` with NaN floats as None (strict JSON)."""
+    if isinstance(data, float):
+        return None if math.isnan(data) else data
+    if isinstance(data, dict):
+        return {k: no_nan(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [no_nan(v) for v in data]
+    return data
 
 
 def write_text(path: Path, text: str) -> None:
@@ -304,6 +329,16 @@ def run_all(arms: list[Arm], args: argparse.Namespace, out: Path, capacity: int)
             return True
         return not args.cpu and arm.group is not None and all(a.group == arm.group for a, *_ in running.values())
 
+    try:
+        _schedule(pending, running, free, failed, may_start, args, out, capacity)
+    finally:  # interrupted (Ctrl-C, SIGTERM): stop the arms still running, record them as such
+        for arm, procs, _, t0 in running.values():
+            stop(procs)
+            finish(arm, 130, out, args, time.monotonic() - t0, note="interrupted")
+
+
+def _schedule(pending: list[Arm], running: dict, free: list[int], failed: set[str], may_start: Any,
+              args: argparse.Namespace, out: Path, capacity: int) -> None:
     while pending or running:
         started = True
         while started:
@@ -376,7 +411,7 @@ def arm_result(arm: Arm, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The record of ``arm`` with what its CSV log and output say (empty metrics if it never ran)."""
     path = record_path(out, arm)
     rec: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {**asdict(arm), "rc": None}
-    csv = out / "runs" / arm.name / "metrics.csv"
+    csv = out / "runs" / arm.name / "csv" / "metrics.csv"
     m = read(csv) if csv.exists() else {}
     loss = m.get("train/loss", {})
     log = out / "runs" / f"{arm.name}.log"
@@ -594,7 +629,7 @@ def export(out: Path, dest: Path) -> None:
     """Copy the summary, the arm records, logs and metrics (not checkpoints) to ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     for p in [out / "summary.md", out / "summary.json", *out.glob("arms/*.json"), *out.glob("runs/*.log"),
-              *out.glob("runs/*/metrics.csv")]:
+              *out.glob("runs/*/csv/metrics.csv")]:
         if p.exists():
             target = dest / p.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -629,6 +664,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--warmup + --steps // 2: section 5's first ~100 steps are chaotic for every run)")
     p.add_argument("--band-floor", type=float, default=1e-3, help="smallest loss band (abs)")
     p.add_argument("--band-slack", type=float, default=1.0, help="allowed multiple of the noise band")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more train.py overrides for every arm (e.g. trainer.compile=true)")
     p.add_argument("--only", nargs="+", help="arms to run: names (globs) or roles (pergpu global noise resume hybrid)")
     p.add_argument("--pack", action="store_true", help="run arms side by side on free GPUs (faster; shares the host)")
     p.add_argument("--rerun", action="store_true", help="run arms again even if recorded")
@@ -652,8 +689,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               ("--batch", args.batch >= 1, ">= 1"), ("--micro", args.micro >= 1, ">= 1"),
               ("--hybrid-groups", args.hybrid_groups >= 2, ">= 2"),
               ("--hybrid-check-steps", 1 <= args.hybrid_check_steps <= args.hybrid_steps, "in [1, --hybrid-steps]"),
-              ("--resume-steps", 1 <= args.resume_steps < (args.warmup + args.steps) / 2,
-               "in [1, (warmup + steps) / 2): the checkpoint of step total - resume-steps is saved once"),
+              ("--resume-steps", 1 <= args.resume_steps < args.warmup + args.steps, "in [1, warmup + steps)"),
               ("--window", args.window >= 1, ">= 1")]
     for flag, ok, what in checks:
         if not ok:
@@ -664,6 +700,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -683,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         if max(args.gpus) > capacity:
             raise SystemExit(f"--gpus {max(args.gpus)}: this machine has {capacity} GPUs (--cpu for a dry run)")
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     todo = [a for a in arms if selected(a, args.only) and (args.rerun or not done(out, a, args))]
     missing = {a.after for a in todo if a.after is not None} - {a.name for a in todo}
     for name in missing:
