@@ -147,7 +147,14 @@ def plan(args: argparse.Namespace) -> list[Arm]:
     if len(gpus) > 1:  # the checkpoint the smaller counts resume (saved every K steps: once if 2K > total)
         source.overrides += [f"callbacks.model_checkpoint.every_n_train_steps={total - args.resume_steps}",
                              "callbacks.model_checkpoint.save_last=false"]
+        k = total - args.resume_steps
         for n in reversed(gpus[:-1]):
+            # Lightning restores the count of micro-batches and steps the optimizer at multiples of the new
+            # accumulation: a resume is exact only from a step that is a cycle boundary of it
+            if k * source.accumulate % glob[n].accumulate:
+                raise ValueError(f"--resume-steps: step {k} ({k * source.accumulate} micro-batches per rank) is not "
+                                 f"a multiple of the {glob[n].accumulate} micro-batches per step of {glob[n].name}; "
+                                 "a resume there would not be exact (Lightning's accumulation cycle)")
             add(Arm(f"resume_{glob[n].name}", ["resume"], n, glob[n].batch, glob[n].accumulate, total,
                     after=source.name))
     if top % args.hybrid_groups == 0 and top > 1:
@@ -362,14 +369,13 @@ def _schedule(pending: list[Arm], running: dict, free: list[int], failed: set[st
                 raise RuntimeError(f"cannot start {[a.name for a in pending]}: not enough GPUs ({capacity})")
         time.sleep(0.5 if args.cpu else 2.0)
         for name, (arm, procs, devices, t0) in list(running.items()):
-            timed_out = args.arm_timeout is not None and time.monotonic() - t0 > args.arm_timeout
-            if timed_out:
-                stop(procs)
-            if timed_out or all(p.poll() is not None for p in procs):
-                if any(p.returncode not in (0, None) for p in procs) and not timed_out:
-                    stop(procs)  # one node failed: the others would wait for it forever
-                rc = next((p.returncode for p in procs if p.returncode), 0)
-                rc = 124 if timed_out else rc
+            codes = [p.poll() for p in procs]
+            timed_out = args.arm_timeout is not None and time.monotonic() - t0 > args.arm_timeout and None in codes
+            node_failed = next((c for c in codes if c not in (None, 0)), None)
+            if timed_out or node_failed is not None or None not in codes:
+                if None in codes:  # timed out, or one node failed: the others would wait for it forever
+                    stop(procs)
+                rc = 124 if timed_out else node_failed or 0
                 del running[name]
                 free += devices
                 if rc:
@@ -557,7 +563,8 @@ def markdown(summary: dict[str, Any]) -> str:
              "| --- | --- | --- |"]
     for n in (4, 8):
         s = t[f"speedup_{n}gpu"]
-        lines.append(f"| tokens/s on {n} GPUs >= {s['need']}x 1 GPU (same per-GPU batch) | {fmt(s['value'], '.2f')}x "
+        value = "-" if s["value"] is None else f"{s['value']:.2f}x"
+        lines.append(f"| tokens/s on {n} GPUs >= {s['need']}x 1 GPU (same per-GPU batch) | {value} "
                      f"| {verdict(s['pass'])} |")
     lb = t["losses_in_band"]
     worst = max((r["max_diff"] / r["band"] for r in lb["rows"]), default=None)
@@ -695,8 +702,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ok:
             p.error(f"{flag}: must be {what}")
     try:
-        for n in args.gpus:
-            split_global(args.global_batch, n, args.micro)
+        plan(args)  # the global batch splits over every GPU count; resume steps on accumulation cycles
     except ValueError as e:
         p.error(str(e))
     return args
