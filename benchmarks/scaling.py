@@ -619,16 +619,18 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    import lightning
-    import torch
+    """Date, device, versions and command of this call (``--cpu``: torch is not imported, which takes seconds)."""
+    from importlib.metadata import version
 
-    if args.cpu or not torch.cuda.is_available():
-        device = f"CPU ({os.cpu_count()} cores)"
-    else:
+    device = f"CPU ({os.cpu_count()} cores)"
+    if not args.cpu:
+        import torch
+
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        device = f"{len(names)}x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+        if names:
+            device = f"{len(names)}x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": device,
-            "torch": torch.__version__, "lightning": lightning.__version__, "model": args.model, "cpu": args.cpu,
+            "torch": version("torch"), "lightning": version("lightning"), "model": args.model, "cpu": args.cpu,
             "command": " ".join(["python", *sys.argv]), "nccl_env": {} if args.cpu else GPU_ENV}
 
 
