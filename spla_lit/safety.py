@@ -52,6 +52,7 @@ LIBRARY_TARGETS: frozenset[str] = frozenset({
     "lightning.pytorch.callbacks.ModelCheckpoint",
     "lightning.pytorch.callbacks.LearningRateMonitor",
     "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.strategies.DDPStrategy",
 })
 
