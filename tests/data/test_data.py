@@ -202,7 +202,8 @@ def test_copy_repeats_the_span_and_marks_its_tail():
         assert ans == second[1:]  # the repeat minus its unpredictable first token
         assert all(t in V.filler_ids for i, t in enumerate(body) if i not in spans)
     # the filler is split at random into the three gaps
-    starts = {next(i for i, t in enumerate(task.generate(rng(seed), 300).tokens) if t in span_ids) for seed in range(10)}
+    starts = {next(i for i, t in enumerate(task.generate(rng(seed), 300).tokens) if t in span_ids)
+              for seed in range(10)}
     assert len(starts) > 3
 
 
