@@ -206,7 +206,9 @@ def batch_rate_ratio(dense: list[dict[str, Any]], basis: dict[str, Any], best: d
 
 
 def best_overrides(best: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    return knob_overrides({k: best[k] for k in ("lr", "width", "mixture", "alw", "batch")}, args.tiny)
+    """Stage A's ``--set`` for the chosen run: its knobs, less the calibration-only validation of copy."""
+    knobs = knob_overrides({k: best[k] for k in ("lr", "width", "mixture", "alw", "batch")}, args.tiny)
+    return [o for o in knobs if o not in _VAL_COPY]
 
 
 def _pct(x: float | None) -> str:
