@@ -49,26 +49,26 @@ from _launch import (
     write_commands,
 )
 
-# Mixture options (training and evaluation alike), as changes to study_a.yaml's mixture (niah_single + mqar + the
-# `copy` curriculum task: a random span repeated later, every repeated token an answer, a dense induction signal):
-#   copy     study_a.yaml as it is (the curriculum); copy is validated too (val/acc/copy: did induction form?),
-#            evaluation covers the two study tasks only
-#   copy_k1  + one-token keys for niah_single and MQAR (a key match is then the one-token match copy trains)
-#   single   no curriculum: niah_single + mqar only (calibration 2's mixture, the control)
-#   k1       no curriculum, one-token keys
-#   allq     no curriculum, MQAR querying all 16 pairs (twice the answer tokens per sample)
-#   easy     no curriculum, an easier MQAR (8 pairs, 4 queries)
-#   niah     no curriculum, the NIAH variant mix + MQAR (harder)
+# Mixture options (training and evaluation alike), as changes to study_a.yaml (niah_single + mqar with one-token
+# keys; the `copy` curriculum task, a random span repeated later with every repeated token an answer, is off):
+#   k1       study_a.yaml as it is
+#   copy_k1  + copy as a third of the training samples (validated too, as val/acc/copy: did induction form?;
+#            evaluated: the two study tasks only)
+#   single   two-token keys (the tasks of calibrations 1 and 2)
+#   copy     two-token keys + copy
+#   allq     two-token keys, MQAR querying all 16 pairs (twice the answer tokens per sample)
+#   easy     two-token keys, an easier MQAR (8 pairs, 4 queries)
+#   niah     two-token keys, the NIAH variant mix + MQAR (harder)
 _VAL_COPY = ["++data.val_mixture.copy=0.34"]
-_NO_COPY = ["data.mixture.copy=0.0"]
-_K1 = ["+data.task_kwargs.niah_single.key_len=1", "+data.task_kwargs.mqar.key_len=1"]
-MIXTURES = {"copy": _VAL_COPY,
-            "copy_k1": _VAL_COPY + _K1,
-            "single": _NO_COPY,
-            "k1": _NO_COPY + _K1,
-            "allq": _NO_COPY + ["+data.task_kwargs.mqar.num_queries=16"],
-            "easy": _NO_COPY + ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
-            "niah": _NO_COPY + ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
+_COPY = ["data.mixture.copy=0.34", "data.mixture.niah_single=0.33", "data.mixture.mqar=0.33", *_VAL_COPY]
+_K2 = ["data.task_kwargs.niah_single.key_len=2", "data.task_kwargs.mqar.key_len=2"]
+MIXTURES = {"k1": [],
+            "copy_k1": _COPY,
+            "single": _K2,
+            "copy": _K2 + _COPY,
+            "allq": _K2 + ["+data.task_kwargs.mqar.num_queries=16"],
+            "easy": _K2 + ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
+            "niah": _K2 + ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
 TARGET = 0.9
 TASKS = ("niah_single", "mqar")
 
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", nargs="+", type=int, default=[256],
                    help="d_model (heads of 64, 16 with --tiny); e.g. 256 384 doubles the grid, halving each run's "
                         "share of the GPU")
-    p.add_argument("--mixtures", nargs="+", default=["copy", "copy_k1"], choices=sorted(MIXTURES),
+    p.add_argument("--mixtures", nargs="+", default=["k1", "copy_k1"], choices=sorted(MIXTURES),
                    help="training mixtures; the first one reaching the target is preferred")
     p.add_argument("--answer-loss-weights", nargs="+", type=float, default=[1.0],
                    help="module.answer_loss_weight (0: the plain LM loss over every token; calibration 1 was the "

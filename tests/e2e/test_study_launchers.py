@@ -122,11 +122,10 @@ def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_th
     assert knobs == dense[0][3] and name == "probe_taylor2_lr0.003_d256_single_w1_b16"
     assert {"optim.lr=0.003", "module.answer_loss_weight=1.0", "data.batch_size=16", "model.d_model=256"} <= set(
         overrides)
-    default = grid(parse_args(["--out", str(tmp_path)]))  # lr {3e-3, 1e-3} x mixture {copy, copy_k1} + the probe
-    assert len(default) == 5 and default[4][0] == "probe_taylor2_lr0.003_d256_copy_w1_b16"
-    k1 = "+data.task_kwargs.mqar.key_len=1"
-    assert k1 in default[1][2] and k1 not in default[0][2]
-    assert "data.mixture.copy=0.0" in overrides  # --mixtures single: the no-curriculum control
+    default = grid(parse_args(["--out", str(tmp_path)]))  # lr {3e-3, 1e-3} x mixture {k1, copy_k1} + the probe
+    assert len(default) == 5 and default[4][0] == "probe_taylor2_lr0.003_d256_k1_w1_b16"
+    assert "data.mixture.copy=0.34" in default[1][2] and "data.mixture.copy=0.34" not in default[0][2]
+    assert "data.task_kwargs.mqar.key_len=2" in overrides  # --mixtures single: the two-token keys of calibration 2
 
 
 def test_step_budget_scales_the_probe_rate_by_the_dense_batch_ratio():
