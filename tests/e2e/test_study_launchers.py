@@ -176,6 +176,6 @@ def test_calibration_launcher_tiny_cpu_run(tmp_path):
     assert row["mixture"] == "easy" and row["steps"] == 2 and set(row["eval"]) == {"niah_single", "mqar"}
     assert row["alw"] == 1.0 and row["batch"] == 2
     record = summary["records"][0]
-    assert record["config"]["data.task_kwargs"] == {"mqar": {"num_pairs": 8, "num_queries": 4}}
+    assert record["config"]["data.task_kwargs"]["mqar"] == {"key_len": 2, "num_pairs": 8, "num_queries": 4}
     assert [h["step"] for h in record["train"]["val_history"]] == [1, 2]  # optimizer steps, not TensorBoard's
     assert "Suggestion for stage A" in (out / "calibration.md").read_text()
