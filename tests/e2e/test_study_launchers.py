@@ -113,7 +113,7 @@ def test_width_overrides_and_max_time():
 
 def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_the_first_point(tmp_path):
     runs = grid(parse_args(["--out", str(tmp_path), "--lrs", "3e-3", "1e-3", "--answer-loss-weights", "1", "0",
-                            "--mixtures", "single"]))
+                            "--mixtures", "single", "--batch-sizes", "16", "8"]))
     dense = [r for r in runs if r[1] == "dense"]
     assert len(dense) == 8 and [r[1] for r in runs[8:]] == ["taylor2"]
     assert {(k["lr"], k["alw"], k["batch"]) for _, _, _, k in dense} == {
