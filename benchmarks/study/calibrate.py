@@ -4,7 +4,7 @@ fixed wall time, then evaluated at the training length; which configs reach >= 9
 mqar, after how many steps and tokens, at what throughput. Optional SPLA probe runs measure the sparse arms'
 throughput under the same load, to size stage A (benchmarks/study/stage_a.py --steps).
 
-    python benchmarks/study/calibrate.py --out $OUT                                   # the GPU call (~3.5 min)
+    python benchmarks/study/calibrate.py --out $OUT                                   # the GPU call (~5.5 min)
     python benchmarks/study/calibrate.py --out $OUT --widths 256 384                  # + the width axis
     python benchmarks/study/calibrate.py --tiny --device cpu --lrs 1e-3 --widths 32 --mixtures single \\
         --answer-loss-weights 1 --batch-sizes 2 --probe taylor2 --out /tmp/calib      # CPU dry run
@@ -49,13 +49,26 @@ from _launch import (
     write_commands,
 )
 
-# Mixture options: the study's default (single needles + MQAR with 16 pairs, 8 queries), MQAR querying all 16 pairs
-# (twice the answer tokens per sample: more retrieval signal per step), an easier MQAR (8 pairs, 4 queries), or the
-# NIAH variant mix + MQAR (harder); training and evaluation alike.
-MIXTURES = {"single": [],
-            "allq": ["+data.task_kwargs.mqar.num_queries=16"],
-            "easy": ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
-            "niah": ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
+# Mixture options (training and evaluation alike), as changes to study_a.yaml (niah_single + mqar with one-token
+# keys; the `copy` curriculum task, a random span repeated later with every repeated token an answer, is off):
+#   k1       study_a.yaml as it is
+#   copy_k1  + copy as a third of the training samples (validated too, as val/acc/copy: did induction form?;
+#            evaluated: the two study tasks only)
+#   single   two-token keys (the tasks of calibrations 1 and 2)
+#   copy     two-token keys + copy
+#   allq     two-token keys, MQAR querying all 16 pairs (twice the answer tokens per sample)
+#   easy     two-token keys, an easier MQAR (8 pairs, 4 queries)
+#   niah     two-token keys, the NIAH variant mix + MQAR (harder)
+_VAL_COPY = ["++data.val_mixture.copy=0.34"]
+_COPY = ["data.mixture.copy=0.34", "data.mixture.niah_single=0.33", "data.mixture.mqar=0.33", *_VAL_COPY]
+_K2 = ["data.task_kwargs.niah_single.key_len=2", "data.task_kwargs.mqar.key_len=2"]
+MIXTURES = {"k1": [],
+            "copy_k1": _COPY,
+            "single": _K2,
+            "copy": _K2 + _COPY,
+            "allq": _K2 + ["+data.task_kwargs.mqar.num_queries=16"],
+            "easy": _K2 + ["+data.task_kwargs.mqar.num_pairs=8", "+data.task_kwargs.mqar.num_queries=4"],
+            "niah": _K2 + ["data.mixture.niah=0.5", "data.mixture.niah_single=0.0"]}
 TARGET = 0.9
 TASKS = ("niah_single", "mqar")
 
@@ -63,23 +76,23 @@ TASKS = ("niah_single", "mqar")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (the device's $OUT)")
-    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3])
+    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-3])
     p.add_argument("--widths", nargs="+", type=int, default=[256],
                    help="d_model (heads of 64, 16 with --tiny); e.g. 256 384 doubles the grid, halving each run's "
                         "share of the GPU")
-    p.add_argument("--mixtures", nargs="+", default=["single", "allq"], choices=sorted(MIXTURES),
+    p.add_argument("--mixtures", nargs="+", default=["k1", "copy_k1"], choices=sorted(MIXTURES),
                    help="training mixtures; the first one reaching the target is preferred")
     p.add_argument("--answer-loss-weights", nargs="+", type=float, default=[1.0],
                    help="module.answer_loss_weight (0: the plain LM loss over every token; calibration 1 was the "
                         "weight-0 control)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 8],
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[16],
                    help="data.batch_size (sequences of 1024 tokens): fewer tokens per step, more steps")
     p.add_argument("--probe", nargs="*", default=["taylor2"],
                    help="SPLA arms run beside the grid (the first value of every axis) to measure their throughput")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides for every run")
-    p.add_argument("--max-steps", type=int, default=4000, help="trainer.max_steps: the LR schedule's length")
+    p.add_argument("--max-steps", type=int, default=5000, help="trainer.max_steps: the LR schedule's length")
     p.add_argument("--val-every", type=int, default=100, help="trainer.val_check_interval")
-    p.add_argument("--train-s", type=float, default=160, help="deadline of the training phase (s)")
+    p.add_argument("--train-s", type=float, default=280, help="deadline of the training phase (s)")
     p.add_argument("--startup-s", type=float, default=35,
                    help="part of --train-s kept for start-up and the final checkpoint (max_time = the rest)")
     p.add_argument("--eval-s", type=float, default=40, help="deadline of the evaluation phase (s)")
@@ -144,6 +157,8 @@ def summarize(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
             "steps_to_90": steps90,
             "tokens_to_90": steps90 * t["tokens"] / step if steps90 and t.get("tokens") and step else None,
             "val": {k: (t.get("final") or {}).get(f"val/acc/{k}") for k in TASKS},
+            "val_copy": (t.get("final") or {}).get("val/acc/copy"),  # the curriculum task (copy mixtures only)
+            "val_answer_acc": (t.get("final") or {}).get("val/answer_acc"),  # per answer token: above chance?
             "eval": {k: at_len.get(k) for k in TASKS},
             "eval_ok": bool(at_len) and all((at_len.get(k) or 0) >= TARGET for k in TASKS),
             "val_loss": (t.get("final") or {}).get("val/loss"),
@@ -191,7 +206,9 @@ def batch_rate_ratio(dense: list[dict[str, Any]], basis: dict[str, Any], best: d
 
 
 def best_overrides(best: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    return knob_overrides({k: best[k] for k in ("lr", "width", "mixture", "alw", "batch")}, args.tiny)
+    """Stage A's ``--set`` for the chosen run: its knobs, less the calibration-only validation of copy."""
+    knobs = knob_overrides({k: best[k] for k in ("lr", "width", "mixture", "alw", "batch")}, args.tiny)
+    return [o for o in knobs if o not in _VAL_COPY]
 
 
 def _pct(x: float | None) -> str:
@@ -211,16 +228,18 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace, n_gpus: int) -> 
            f"{summary['concurrent_jobs']} runs at once on {n_gpus or 'no'} GPU(s) ({args.device}), each with "
            f"trainer.max_time = {args.train_s - args.startup_s:.0f}s and an LR schedule of {args.max_steps} steps "
            f"(warmup + cosine; a run cut by max_time has not decayed). Validation every {args.val_every} steps "
-           f"(128 samples, half niah_single, half mqar); eval: {args.num_samples} samples per task at the training "
-           f"length. Target: >= {100 * TARGET:.0f}% exact match on both tasks.", "",
+           f"(128 samples of niah_single and mqar, + copy in the curriculum mixtures; answer-token accuracy at "
+           f"chance: ~1%); eval: {args.num_samples} samples per task at the training length. "
+           f"Target: >= {100 * TARGET:.0f}% exact match on both tasks.", "",
            table(["run", "lr", "width", "mixture", "answer loss w", "batch", "status", "steps", "tokens (M)",
                   "tok/s (K)", "median tok/s (K)", "steps to 90% (val)", "tokens to 90% (M)", "val niah / mqar",
-                  "eval niah / mqar", ">= 90%"],
+                  "val copy", "val answer-token acc", "eval niah / mqar", ">= 90%"],
                  [[f"`{x['job']}`", x.get("lr"), x.get("width"), x.get("mixture"), x.get("alw"),
                    x.get("batch"), x["status"], x["steps"],
                    _num(x["tokens"], 1e-6, 1), _num(x["tokens_per_s"], 1e-3), _num(x["tokens_per_s_median"], 1e-3),
                    x["steps_to_90"] or "-", _num(x["tokens_to_90"], 1e-6, 1),
                    f"{_pct(x['val']['niah_single'])} / {_pct(x['val']['mqar'])}",
+                   _pct(x["val_copy"]), _pct(x["val_answer_acc"]),
                    f"{_pct(x['eval']['niah_single'])} / {_pct(x['eval']['mqar'])}",
                    "**yes**" if x["eval_ok"] else "no"] for x in rows]), "",
            "## Suggestion for stage A", "",

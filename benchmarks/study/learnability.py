@@ -62,15 +62,22 @@ def compose_run(arm: str, steps: int, overrides: list[str]):
 
 @torch.no_grad()
 def validate(module, loader) -> dict[str, float]:
-    """Exact match per validation task, answer-token accuracy and the validation loss (``LMModule.validation_step``'s
-    metrics)."""
+    """Exact match per validation task, answer-token accuracy (in all and per task) and the validation loss
+    (``LMModule.validation_step``'s metrics)."""
     module.eval()
+    hits = torch.zeros(len(module.task_names))
+    counts = torch.zeros(len(module.task_names))
     for batch in loader:
         module.validation_step(batch, 0)
+        # answer-token accuracy per task (teacher-forced): progress below exact match, task by task
+        right = (module(batch["input_ids"]).argmax(-1) == batch["labels"]) & batch["answer_mask"]
+        hits.index_add_(0, batch["task_id"], right.sum(-1).float())
+        counts.index_add_(0, batch["task_id"], batch["answer_mask"].sum(-1).float())
     out = {f"val/acc/{name}": float(metric.compute()) for name, metric in zip(module.task_names, module.val_task_acc)
            if metric.update_count}
     out["val/loss"] = float(module.val_loss.compute())
     out["val/answer_acc"] = float(module.val_answer_acc.compute())  # per answer token: progress before exact match
+    out.update({f"val/answer_acc/{name}": float(h / c) for name, h, c in zip(module.task_names, hits, counts) if c})
     for metric in [module.val_loss, module.val_answer_acc, module.val_exact, *module.val_task_acc]:
         metric.reset()
     module.train()

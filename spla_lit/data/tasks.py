@@ -15,6 +15,8 @@ Formats (``k``/``v``/``x``/``w`` are key / value / variable / filler words, see 
     niah_*             needles  KEY k k VAL v v  in filler;  query  QUERY k k ANS v v [SEP v v ...]
     mqar               pairs  k k v v  in the first half of the filler, queries  k k v v  in the second half
                        (no markers, Zoology style: a key's second occurrence is a query)
+    copy               a span  s s s ... s  (key / value words) in filler, repeated later: every repeated token after
+                       the first is an answer (a dense induction warm-up for the recall tasks)
     variable_tracking  VAR x EQ v v  /  VAR x' EQ x  chains in filler;  QUERY v v ANS x x' x'' ...
                        (RULER form: all names holding the value, in chain = text order)
     common_words       w w w ... (no filler)  QUERY ANS w w w   (top words by count desc, then id)
@@ -377,6 +379,42 @@ class MQAR(Task):
         return b.finish(length, self.name)
 
 
+class Copy(Task):
+    """Induction warm-up: a random span, filler, then the same span again (no markers).
+
+    ``BOS  w..  s_1 .. s_L  w..  s_1 .. s_L  w..  EOS`` with ``L = span_len`` tokens drawn i.i.d. from the key and
+    value words (disjoint from the filler, so a span token's earlier occurrence is unambiguous) and the filler split
+    at random into the three gaps. Answer tokens: ``s_2 .. s_L`` of the repeat (each is the token that followed the
+    current one in the first copy: what an induction head predicts; ``s_1`` is unpredictable). With ``L - 1``
+    answers per sample instead of the ~16 of ``niah_single`` / ``mqar``, the answer loss gives the induction
+    mechanism a dense gradient; mixed with those tasks it is the curriculum of study stage A
+    (``conf/experiment/study_a.yaml``). The query section is the repeat, not the sequence end (unlike the other
+    tasks, trailing filler may follow it).
+    """
+
+    name = "copy"
+
+    def __init__(self, vocab: Vocab, *, span_len: int = 32, language_seed: int = 0):
+        super().__init__(vocab, language_seed=language_seed)
+        self.span_len = _check_int("span_len", span_len, 2)
+        self._ids = np.concatenate([np.asarray(vocab.key_ids), np.asarray(vocab.value_ids)])
+
+    @property
+    def min_length(self) -> int:
+        return 1 + 2 * self.span_len + 1
+
+    def generate(self, rng: np.random.Generator, length: int) -> Sample:
+        length = self._check_length(length)
+        span = self._ids[rng.integers(0, len(self._ids), size=self.span_len)].tolist()
+        n_fill = length - self.min_length
+        positions = _random_positions(rng, 0, n_fill, 2)
+        b = _Builder()
+        b.splice(self.language.sample(rng, n_fill), positions,
+                 [[(span, False)], [(span[:1], False), (span[1:], True)]])
+        b.add([V.EOS])
+        return b.finish(length, self.name)
+
+
 class VariableTracking(Task):
     """RULER variable tracking: ``VAR x0 EQ v..`` then ``VAR x1 EQ x0``, ``VAR x2 EQ x1`` ... in filler.
 
@@ -538,7 +576,7 @@ class FrequentWords(_WordListTask):
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
     NIAHMixture, NeedleInAHaystack, NIAHMultiKey, NIAHMultiValue, NIAHMultiQuery,
-    MQAR, VariableTracking, CommonWords, FrequentWords,
+    MQAR, Copy, VariableTracking, CommonWords, FrequentWords,
 )}
 
 # The RULER-style evaluation suite (MQAR is added as the Zoology-style recall probe).

@@ -187,6 +187,26 @@ def test_mqar_queries_recall_the_pairs():
         assert max(p for p, _, _, q in groups if not q) < min(p for p, _, _ in queries)
 
 
+def test_copy_repeats_the_span_and_marks_its_tail():
+    task = make_task("copy", V, span_len=12)
+    span_ids = set(V.key_ids) | set(V.value_ids)
+    for seed, length in enumerate((task.min_length, 64, 300, 300, 300)):
+        s = task.generate(rng(seed), length)
+        body = s.tokens[1:-1]
+        spans = [i for i, t in enumerate(body) if t in span_ids]  # span tokens only: filler ids are disjoint
+        assert len(spans) == 24
+        first, second = spans[:12], spans[12:]
+        assert first == list(range(first[0], first[0] + 12)) and second == list(range(second[0], second[0] + 12))
+        assert [body[i] for i in first] == [body[i] for i in second]
+        ans = [i - 1 for i, a in enumerate(s.answer) if a]  # index into body
+        assert ans == second[1:]  # the repeat minus its unpredictable first token
+        assert all(t in V.filler_ids for i, t in enumerate(body) if i not in spans)
+    # the filler is split at random into the three gaps
+    starts = {next(i for i, t in enumerate(task.generate(rng(seed), 300).tokens) if t in span_ids)
+              for seed in range(10)}
+    assert len(starts) > 3
+
+
 def test_variable_tracking_answer_follows_the_chains():
     for kwargs in ({}, {"num_chains": 3, "num_hops": 2, "value_len": 1}):
         task = make_task("variable_tracking", V, **kwargs)
@@ -308,6 +328,8 @@ def test_dataset_rejects_bad_arguments(kwargs, match):
     ("niah", {"num_needles": 1}, "num_needles"),
     ("mqar", {"num_pairs": 0}, "num_pairs"),
     ("mqar", {"num_pairs": 4, "num_queries": 5}, "num_queries"),
+    ("copy", {"span_len": 1}, "span_len"),
+    ("copy", {"span_len": 2.0}, "span_len"),
     ("variable_tracking", {"num_hops": 0}, "num_hops"),
     ("variable_tracking", {"num_chains": 50}, "num_chains"),
     ("common_words", {"num_common": 0}, "num_common"),

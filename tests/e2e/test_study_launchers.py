@@ -113,7 +113,7 @@ def test_width_overrides_and_max_time():
 
 def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_the_first_point(tmp_path):
     runs = grid(parse_args(["--out", str(tmp_path), "--lrs", "3e-3", "1e-3", "--answer-loss-weights", "1", "0",
-                            "--mixtures", "single"]))
+                            "--mixtures", "single", "--batch-sizes", "16", "8"]))
     dense = [r for r in runs if r[1] == "dense"]
     assert len(dense) == 8 and [r[1] for r in runs[8:]] == ["taylor2"]
     assert {(k["lr"], k["alw"], k["batch"]) for _, _, _, k in dense} == {
@@ -122,8 +122,10 @@ def test_calibration_grid_crosses_lr_answer_loss_weight_and_batch_then_probes_th
     assert knobs == dense[0][3] and name == "probe_taylor2_lr0.003_d256_single_w1_b16"
     assert {"optim.lr=0.003", "module.answer_loss_weight=1.0", "data.batch_size=16", "model.d_model=256"} <= set(
         overrides)
-    default = grid(parse_args(["--out", str(tmp_path)]))  # batch {16, 8} x mixture {single, allq} + the probe
-    assert len(default) == 5 and "+data.task_kwargs.mqar.num_queries=16" in default[1][2] + default[3][2]
+    default = grid(parse_args(["--out", str(tmp_path)]))  # lr {3e-3, 1e-3} x mixture {k1, copy_k1} + the probe
+    assert len(default) == 5 and default[4][0] == "probe_taylor2_lr0.003_d256_k1_w1_b16"
+    assert "data.mixture.copy=0.34" in default[1][2] and "data.mixture.copy=0.34" not in default[0][2]
+    assert "data.task_kwargs.mqar.key_len=2" in overrides  # --mixtures single: the two-token keys of calibration 2
 
 
 def test_step_budget_scales_the_probe_rate_by_the_dense_batch_ratio():
@@ -174,6 +176,6 @@ def test_calibration_launcher_tiny_cpu_run(tmp_path):
     assert row["mixture"] == "easy" and row["steps"] == 2 and set(row["eval"]) == {"niah_single", "mqar"}
     assert row["alw"] == 1.0 and row["batch"] == 2
     record = summary["records"][0]
-    assert record["config"]["data.task_kwargs"] == {"mqar": {"num_pairs": 8, "num_queries": 4}}
+    assert record["config"]["data.task_kwargs"]["mqar"] == {"key_len": 2, "num_pairs": 8, "num_queries": 4}
     assert [h["step"] for h in record["train"]["val_history"]] == [1, 2]  # optimizer steps, not TensorBoard's
     assert "Suggestion for stage A" in (out / "calibration.md").read_text()
