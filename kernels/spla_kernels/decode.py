@@ -76,15 +76,32 @@ _SENT = -9223372036854775808
 
 
 @triton.jit
+def _stat_dot(a, b, PREC: tl.constexpr):
+    """``a @ b^T`` (a [GP, BD], b [BN, BD]) in float32 with exact products. PREC 0: float32 FMAs (float32
+    statistics); 1: bfloat16 tensor cores (a and b hold bfloat16 values); 2: tf32x3 tensor cores (a holds at
+    most 22 significant bits, b float16 / bfloat16 values: both exact in the split)."""
+    if PREC == 1:
+        return tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)))
+    elif PREC == 2:
+        return tl.dot(a, tl.trans(b.to(tl.float32)), input_precision="tf32x3")
+    else:
+        return tl.dot(a, tl.trans(b.to(tl.float32)), input_precision="ieee")
+
+
+@triton.jit
 def _score_kernel(
     Q, MEAN, SEC, LAM, POS, KEYS,
     s_qb, s_qh, s_mb, s_mh, s_mn, s_sb, s_sh, s_sn, s_sd, s_lb, s_lh, s_ln,
     HKV, G, D, NK, block_size, local_blocks, sink_blocks, per_split, n_split, scale, half_scale2, log_bs,
     GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, ORDER: tl.constexpr,
-    RANK: tl.constexpr, REDUCE: tl.constexpr,
+    RANK: tl.constexpr, REDUCE: tl.constexpr, PREC: tl.constexpr,
 ):
     """grid (B * Hkv, splits): the top-KP packed keys of this split's visible blocks -> KEYS [B*Hkv, splits, KP].
-    ORDER 1 taylor1, 2 taylor2 diag, 3 taylor2 lowrank (SEC = eigenvectors [.., D, RANK], LAM = eigenvalues)."""
+    ORDER 1 taylor1, 2 taylor2 diag, 3 taylor2 lowrank (SEC = eigenvectors [.., D, RANK], LAM = eigenvalues).
+
+    Each step scores a tile of BN blocks for the G heads at once: [GP, D] x [D, BN] products on tensor cores
+    (PREC, :func:`_stat_dot`: the products are exact, as in float32), the head reduction over the tile's
+    columns, then the tile's top-KP (a sort network) merged into the running list."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // HKV
@@ -99,6 +116,11 @@ def _score_kernel(
     dm = ds < D
     q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + ds[None, :], mask=(g < G)[:, None] & dm[None, :],
                 other=0.0).to(tl.float32)
+    if ORDER == 2:
+        q2 = q * q  # exact in float32 for half-precision q
+        if PREC == 1:  # q^2 of a bfloat16 q has <= 16 significant bits: hi + lo in bfloat16, exactly
+            q2_hi = q2.to(tl.bfloat16).to(tl.float32)
+            q2_lo = q2 - q2_hi
     best = tl.full([1, KP], SENT, dtype=tl.int64)
     first = sp * per_split
     stop = tl.minimum(tl.minimum(first + per_split, diag + 1), NK)
@@ -107,16 +129,19 @@ def _score_kernel(
         ok = blk < stop
         msk = ok[:, None] & dm[None, :]
         mean = tl.load(MEAN + b * s_mb + h * s_mh + blk[:, None] * s_mn + ds[None, :], mask=msk, other=0.0)
-        s = tl.dot(q, tl.trans(mean.to(tl.float32)), input_precision="ieee") * scale
+        s = _stat_dot(q, mean, PREC) * scale
         if ORDER == 2:
             var = tl.load(SEC + b * s_sb + h * s_sh + blk[:, None] * s_sn + ds[None, :], mask=msk, other=0.0)
-            s += tl.dot(q * q, tl.trans(var.to(tl.float32)), input_precision="ieee") * half_scale2
+            if PREC == 1:
+                s += (_stat_dot(q2_hi, var, PREC) + _stat_dot(q2_lo, var, PREC)) * half_scale2
+            else:
+                s += _stat_dot(q2, var, PREC) * half_scale2
         if ORDER == 3:
             for r in tl.static_range(RANK):
                 u = tl.load(SEC + b * s_sb + h * s_sh + blk[:, None] * s_sn + ds[None, :] * s_sd + r, mask=msk,
                             other=0.0)
                 lam = tl.load(LAM + b * s_lb + h * s_lh + blk * s_ln + r, mask=ok, other=0.0).to(tl.float32)
-                pr = tl.dot(q, tl.trans(u.to(tl.float32)), input_precision="ieee")
+                pr = _stat_dot(q, u, PREC)
                 s += pr * pr * lam[None, :] * half_scale2
         s += log_bs
         gok = (g < G)[:, None]
@@ -198,6 +223,14 @@ def decode_select_blocks(q: torch.Tensor, mean: torch.Tensor, second, positions:
     per *= BN
     n_split = cdiv(nK, per)
     qf = q.reshape(B, Hq, D)
+    halves = (torch.bfloat16, torch.float16)
+    stats = [mean] + ([sec] if order > 1 else [])
+    if all(t.dtype == torch.bfloat16 for t in (q, *stats)):
+        prec = 1  # bfloat16 tensor cores: exact products (q^2 split in two bfloat16 parts)
+    elif q.dtype in halves and all(t.dtype in halves for t in stats):
+        prec = 2  # tf32x3: half-precision values and their squares are exact in the split
+    else:
+        prec = 0  # float32 statistics: float32 FMAs
     keys = torch.empty(B * Hkv, n_split, KP, dtype=torch.int64, device=q.device)
     _score_kernel[(B * Hkv, n_split)](
         qf, mean, sec, lam, positions.reshape(B), keys,
@@ -205,7 +238,7 @@ def decode_select_blocks(q: torch.Tensor, mean: torch.Tensor, second, positions:
         Hkv, G, D, nK, sel.block_size, sel.local_blocks, sel.sink_blocks, per, n_split, scale, 0.5 * scale * scale,
         math.log(sel.block_size),
         GP=max(16, next_pow2(G)), BD=max(16, next_pow2(D)), BN=BN, KP=KP, ORDER=order, RANK=rank,
-        REDUCE=_REDUCE[sel.head_reduce], num_warps=CONFIG.score_warps,
+        REDUCE=_REDUCE[sel.head_reduce], PREC=prec, num_warps=CONFIG.score_warps,
     )
     out = torch.empty(B, Hkv, 1, sel.topk, dtype=torch.int32, device=q.device)
     _merge_kernel[(B * Hkv,)](keys, out, n_split, sel.topk, NSP=next_pow2(n_split), KP=KP)
