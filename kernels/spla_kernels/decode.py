@@ -44,13 +44,16 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass
 class DecodeConfig:
     """Launch choices. ``programs_per_sm``: splits are chosen so that about this many programs per SM run
-    (flash-decoding: at batch 1 there are only Hkv rows of work); ``score_blocks``: blocks per scoring step."""
+    (flash-decoding: at batch 1 there are only Hkv rows of work); ``score_blocks``: blocks per scoring step;
+    ``combine_splits``: attention splits the combine kernel reads at once."""
 
     programs_per_sm: int = 2
     score_blocks: int = 64
     score_warps: int = 4
     attn_warps: int = 4
     attn_stages: int = 2
+    combine_splits: int = 16
+    combine_warps: int = 2
 
 
 CONFIG = DecodeConfig()
@@ -347,45 +350,47 @@ def _attn_kernel(
 def _combine_kernel(
     P_M, P_L, P_O, P_S, P_N, P_C, O, LSE, SEL, CNT, HKV, G, n_split,
     DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
-    SELECTED: tl.constexpr, NORM: tl.constexpr,
+    SC: tl.constexpr, SELECTED: tl.constexpr, NORM: tl.constexpr,
 ):
-    """grid (B * Hkv,): merge the splits -> o [B, 1, Hq, DV], lse [B, Hq, 1], sel [B, 1, Hq, DVS], counts."""
+    """grid (B * Hkv, G): merge the splits of one query head -> o [B, 1, Hq, DV], lse [B, Hq, 1], sel [B, 1, Hq,
+    DVS], counts. The splits' partial states are read SC at a time (one round trip for up to SC splits: a
+    serial loop over the splits waited on every load)."""
     bh = tl.program_id(0)
+    g = tl.program_id(1)
     LN2: tl.constexpr = 0.6931471805599453
-    g = tl.arange(0, GP)
-    gok = g < G
     dvs = tl.arange(0, BDV)
-    s = tl.arange(0, NSP)
     base = (bh * n_split).to(tl.int64)
-    ms = tl.load(P_M + (base + s[:, None]) * GP + g[None, :], mask=(s < n_split)[:, None], other=float("-inf"))
-    mx = tl.max(ms, 0)
+    s = tl.arange(0, NSP)
+    mx = tl.max(tl.load(P_M + (base + s) * GP + g, mask=s < n_split, other=float("-inf")), 0)
     m_use = tl.where(mx == float("-inf"), 0.0, mx)
-    lsum = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BDV], tl.float32)
-    sacc = tl.zeros([GP, BDV], tl.float32)
-    nacc = tl.zeros([GP], tl.float32)
-    cnt = tl.load(P_C + base)
-    for i in range(n_split):
-        part = base + i
-        w = tl.exp2(tl.load(P_M + part * GP + g) - m_use)
-        lsum += tl.load(P_L + part * GP + g) * w
-        acc += tl.load(P_O + (part * GP + g)[:, None] * BDV + dvs[None, :]) * w[:, None]
+    lsum = tl.zeros([SC], tl.float32)
+    acc = tl.zeros([SC, BDV], tl.float32)
+    sacc = tl.zeros([SC, BDV], tl.float32)
+    nacc = tl.zeros([SC], tl.float32)
+    cnt = tl.zeros([SC], tl.int32)
+    for c0 in range(0, n_split, SC):
+        c = c0 + tl.arange(0, SC)
+        cm = c < n_split
+        slot = (base + c) * GP + g
+        w = tl.exp2(tl.load(P_M + slot, mask=cm, other=float("-inf")) - m_use)  # empty split: m = -inf, w = 0
+        lsum += tl.load(P_L + slot, mask=cm, other=0.0) * w
+        acc += tl.load(P_O + slot[:, None] * BDV + dvs[None, :], mask=cm[:, None], other=0.0) * w[:, None]
         if SELECTED:
-            sacc += tl.load(P_S + (part * GP + g)[:, None] * BDV + dvs[None, :])
-            nacc += tl.load(P_N + part * GP + g)
-        if i > 0:
-            cnt += tl.load(P_C + part)
-    has = lsum > 0
+            sacc += tl.load(P_S + slot[:, None] * BDV + dvs[None, :], mask=cm[:, None], other=0.0)
+            nacc += tl.load(P_N + slot, mask=cm, other=0.0)
+        cnt += tl.load(P_C + base + c, mask=cm, other=0)
+    lsum_t = tl.sum(lsum, 0)
+    has = lsum_t > 0
     row = (bh * G + g).to(tl.int64)  # [B, 1, Hq, .] rows: b * Hq + h * G + g
-    dm = gok[:, None] & (dvs < DV)[None, :]
-    tl.store(O + row[:, None] * DV + dvs[None, :], (acc / tl.where(has, lsum, 1.0)[:, None]).to(O.dtype.element_ty),
-             mask=dm)
-    tl.store(LSE + row, tl.where(has, (m_use + tl.log2(tl.where(has, lsum, 1.0))) * LN2, float("-inf")), mask=gok)
+    dm = dvs < DV
+    tl.store(O + row * DV + dvs, (tl.sum(acc, 0) / tl.where(has, lsum_t, 1.0)).to(O.dtype.element_ty), mask=dm)
+    tl.store(LSE + row, tl.where(has, (m_use + tl.log2(tl.where(has, lsum_t, 1.0))) * LN2, float("-inf")))
     if SELECTED:
-        tl.store(SEL + row[:, None] * DVS + dvs[None, :], sacc, mask=dm)
+        tl.store(SEL + row * DVS + dvs, tl.sum(sacc, 0), mask=dm)
         if NORM:
-            tl.store(SEL + row * DVS + DV, nacc, mask=gok)
-    tl.store(CNT + bh, cnt.to(tl.int64))
+            tl.store(SEL + row * DVS + DV, tl.sum(nacc, 0))
+    if g == 0:
+        tl.store(CNT + bh, tl.sum(cnt, 0).to(tl.int64))
 
 
 def decode_sparse_with_selected_linear(
@@ -437,9 +442,10 @@ def decode_sparse_with_selected_linear(
     lse = torch.empty(B, Hq, 1, dtype=f32, device=dev)
     sel = torch.empty(B, 1, Hq, DVS, dtype=f32, device=dev) if selected else None
     counts = torch.empty(B, Hkv, 1, dtype=torch.int64, device=dev)
-    _combine_kernel[(B * Hkv,)](
+    _combine_kernel[(B * Hkv, G)](
         p_m, p_l, p_o, p_s, p_n, p_c, o, lse, sel if selected else o, counts, Hkv, G, n_split,
-        DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split), SELECTED=selected, NORM=bool(with_normalizer),
+        DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split), SC=min(next_pow2(n_split), CONFIG.combine_splits),
+        SELECTED=selected, NORM=bool(with_normalizer), num_warps=CONFIG.combine_warps,
     )
     return o, lse, sel, counts
 
