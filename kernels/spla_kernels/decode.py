@@ -53,7 +53,7 @@ class DecodeConfig:
     attn_warps: int = 4
     attn_stages: int = 2
     combine_splits: int = 16
-    combine_warps: int = 2
+    combine_warps: int = 4
 
 
 CONFIG = DecodeConfig()
@@ -79,11 +79,15 @@ _SENT = -9223372036854775808
 
 
 @triton.jit
-def _stat_dot(a, b, PREC: tl.constexpr):
+def _stat_dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b^T`` (a [GP, BD], b [BN, BD]) in float32 with exact products. PREC 0: float32 FMAs (float32
     statistics); 1: bfloat16 tensor cores (a and b hold bfloat16 values); 2: tf32x3 tensor cores (a holds at
-    most 22 significant bits, b float16 / bfloat16 values: both exact in the split)."""
-    if PREC == 1:
+    most 22 significant bits, b float16 / bfloat16 values: both exact in the split). UPCAST (the interpreter,
+    whose bfloat16 dot is wrong): PREC 1's bfloat16 operands as float32."""
+    if PREC == 1 and UPCAST:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), tl.trans(b.to(tl.bfloat16).to(tl.float32)),
+                      input_precision="ieee")
+    elif PREC == 1:
         return tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)))
     elif PREC == 2:
         return tl.dot(a, tl.trans(b.to(tl.float32)), input_precision="tf32x3")
@@ -97,14 +101,15 @@ def _score_kernel(
     s_qb, s_qh, s_mb, s_mh, s_mn, s_sb, s_sh, s_sn, s_sd, s_lb, s_lh, s_ln,
     HKV, G, D, NK, block_size, local_blocks, sink_blocks, per_split, n_split, scale, half_scale2, log_bs,
     GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, ORDER: tl.constexpr,
-    RANK: tl.constexpr, REDUCE: tl.constexpr, PREC: tl.constexpr,
+    RANK: tl.constexpr, REDUCE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """grid (B * Hkv, splits): the top-KP packed keys of this split's visible blocks -> KEYS [B*Hkv, splits, KP].
     ORDER 1 taylor1, 2 taylor2 diag, 3 taylor2 lowrank (SEC = eigenvectors [.., D, RANK], LAM = eigenvalues).
 
     Each step scores a tile of BN blocks for the G heads at once: [GP, D] x [D, BN] products on tensor cores
     (PREC, :func:`_stat_dot`: the products are exact, as in float32), the head reduction over the tile's
-    columns, then the tile's top-KP (a sort network) merged into the running list."""
+    columns, then the tile's top-KP (a sort network) merged into the running list, skipped when no key of the
+    tile enters it (most tiles once the list is full)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // HKV
@@ -132,19 +137,20 @@ def _score_kernel(
         ok = blk < stop
         msk = ok[:, None] & dm[None, :]
         mean = tl.load(MEAN + b * s_mb + h * s_mh + blk[:, None] * s_mn + ds[None, :], mask=msk, other=0.0)
-        s = _stat_dot(q, mean, PREC) * scale
-        if ORDER == 2:
+        if ORDER == 2:  # both tiles' loads in flight before the first product
             var = tl.load(SEC + b * s_sb + h * s_sh + blk[:, None] * s_sn + ds[None, :], mask=msk, other=0.0)
+        s = _stat_dot(q, mean, PREC, UPCAST) * scale
+        if ORDER == 2:
             if PREC == 1:
-                s += (_stat_dot(q2_hi, var, PREC) + _stat_dot(q2_lo, var, PREC)) * half_scale2
+                s += (_stat_dot(q2_hi, var, PREC, UPCAST) + _stat_dot(q2_lo, var, PREC, UPCAST)) * half_scale2
             else:
-                s += _stat_dot(q2, var, PREC) * half_scale2
+                s += _stat_dot(q2, var, PREC, UPCAST) * half_scale2
         if ORDER == 3:
             for r in tl.static_range(RANK):
                 u = tl.load(SEC + b * s_sb + h * s_sh + blk[:, None] * s_sn + ds[None, :] * s_sd + r, mask=msk,
                             other=0.0)
                 lam = tl.load(LAM + b * s_lb + h * s_lh + blk * s_ln + r, mask=ok, other=0.0).to(tl.float32)
-                pr = _stat_dot(q, u, PREC)
+                pr = _stat_dot(q, u, PREC, UPCAST)
                 s += pr * pr * lam[None, :] * half_scale2
         s += log_bs
         gok = (g < G)[:, None]
@@ -159,8 +165,10 @@ def _score_kernel(
         red = tl.where(red != red, float("-inf"), red)  # NaN is never picked, like the reference
         key = (_sortable(red).to(tl.int64) << 32) + (MAXB - blk).to(tl.int64)
         key = tl.where(ok & (red != float("-inf")), key, SENT)
-        cand = tl.topk(tl.reshape(key, [1, BN]), KP, dim=1)  # descending
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(cand, 1)), dim=1, descending=True)
+        # The sort network only when a key of the tile beats the list's last (keys are distinct: exact skip).
+        if tl.max(key, 0) > tl.min(best):
+            cand = tl.topk(tl.reshape(key, [1, BN]), KP, dim=1)  # descending
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(cand, 1)), dim=1, descending=True)
     tl.store(KEYS + (bh * n_split + sp).to(tl.int64) * KP + tl.arange(0, KP)[None, :], best)
 
 
@@ -219,7 +227,6 @@ def decode_select_blocks(q: torch.Tensor, mean: torch.Tensor, second, positions:
     if mean.stride(-1) != 1 or (order == 2 and sec.stride(-1) != 1):
         raise NotImplementedError("block statistics must be contiguous along D")
     scale = D**-0.5 if sel.scale is None else float(sel.scale)
-    interpreting()  # applies the interpreter's shims (run-time loop bounds) when it runs
     KP = next_pow2(sel.topk)
     BN = max(CONFIG.score_blocks, KP, 16)
     n_split, per = _splits(cdiv(nK, BN), B * Hkv, q.device)
@@ -241,7 +248,7 @@ def decode_select_blocks(q: torch.Tensor, mean: torch.Tensor, second, positions:
         Hkv, G, D, nK, sel.block_size, sel.local_blocks, sel.sink_blocks, per, n_split, scale, 0.5 * scale * scale,
         math.log(sel.block_size),
         GP=max(16, next_pow2(G)), BD=max(16, next_pow2(D)), BN=BN, KP=KP, ORDER=order, RANK=rank,
-        REDUCE=_REDUCE[sel.head_reduce], PREC=prec, num_warps=CONFIG.score_warps,
+        REDUCE=_REDUCE[sel.head_reduce], PREC=prec, UPCAST=interpreting(), num_warps=CONFIG.score_warps,
     )
     out = torch.empty(B, Hkv, 1, sel.topk, dtype=torch.int32, device=q.device)
     _merge_kernel[(B * Hkv,)](keys, out, n_split, sel.topk, NSP=next_pow2(n_split), KP=KP)
