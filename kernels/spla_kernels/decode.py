@@ -355,13 +355,18 @@ def _attn_kernel(
 
 @triton.jit
 def _combine_kernel(
-    P_M, P_L, P_O, P_S, P_N, P_C, O, LSE, SEL, CNT, HKV, G, n_split,
+    P_M, P_L, P_O, P_S, P_N, P_C, O, LSE, SEL, CNT, PQ, STATE, POS, HKV, G, n_split, F, eps,
     DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
-    SC: tl.constexpr, SELECTED: tl.constexpr, NORM: tl.constexpr,
+    SC: tl.constexpr, BF: tl.constexpr, SELECTED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
     """grid (B * Hkv, G): merge the splits of one query head -> o [B, 1, Hq, DV], lse [B, Hq, 1], sel [B, 1, Hq,
     DVS], counts. The splits' partial states are read SC at a time (one round trip for up to SC splits: a
-    serial loop over the splits waited on every load)."""
+    serial loop over the splits waited on every load).
+
+    RESIDUAL: SEL gets the finished residual instead, ``phi(q)^T S - sel`` (STATE [B, Hkv, F, DV + 1] float32,
+    PQ [B, 1, Hq, F]) zeroed when the row has no unselected key (count >= position + 1), and with FINISH
+    divided by its normalizer column (clamped at 0, + eps): ``_finish_residual`` of the reference."""
     bh = tl.program_id(0)
     g = tl.program_id(1)
     LN2: tl.constexpr = 0.6931471805599453
@@ -392,7 +397,29 @@ def _combine_kernel(
     dm = dvs < DV
     tl.store(O + row * DV + dvs, (tl.sum(acc, 0) / tl.where(has, lsum_t, 1.0)).to(O.dtype.element_ty), mask=dm)
     tl.store(LSE + row, tl.where(has, (m_use + tl.log2(tl.where(has, lsum_t, 1.0))) * LN2, float("-inf")))
-    if SELECTED:
+    if RESIDUAL:
+        b = bh // HKV
+        keep = tl.sum(cnt, 0).to(tl.int64) < tl.load(POS + b).to(tl.int64) + 1  # an unselected key exists
+        num = tl.zeros([BDV], tl.float32)
+        den = 0.0
+        for f0 in range(0, F, BF):  # phi(q)^T S: the state's rows BF at a time
+            f = f0 + tl.arange(0, BF)
+            fm = f < F
+            pq = tl.load(PQ + row * F + f, mask=fm, other=0.0).to(tl.float32)
+            srow = STATE + (bh * F + f).to(tl.int64) * (DV + 1)
+            num += tl.sum(pq[:, None] * tl.load(srow[:, None] + dvs[None, :], mask=fm[:, None] & dm[None, :],
+                                                other=0.0), 0)
+            if NORM:
+                den += tl.sum(pq * tl.load(srow + DV, mask=fm, other=0.0), 0)
+        num = tl.where(keep, num - tl.sum(sacc, 0), 0.0)
+        den = tl.where(keep, den - tl.sum(nacc, 0), 0.0)
+        if FINISH:
+            tl.store(SEL + row * DVS + dvs, num / (tl.maximum(den, 0.0) + eps), mask=dm)
+        else:
+            tl.store(SEL + row * DVS + dvs, num, mask=dm)
+            if NORM:
+                tl.store(SEL + row * DVS + DV, den)
+    elif SELECTED:
         tl.store(SEL + row * DVS + dvs, tl.sum(sacc, 0), mask=dm)
         if NORM:
             tl.store(SEL + row * DVS + DV, tl.sum(nacc, 0))
@@ -403,12 +430,19 @@ def _combine_kernel(
 def decode_sparse_with_selected_linear(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor, positions: torch.Tensor,
     *, block_size: int, scale: float, phi_q: torch.Tensor | None = None, feature_map: str = "elu1",
-    with_normalizer: bool = False,
+    with_normalizer: bool = False, state: torch.Tensor | None = None, normalize: bool = False,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``spla_lit.ops.decode_sparse_attention`` for one new token per row (flash-decoding over the selected
     blocks): ``(o [B, 1, Hq, Dv], lse float32 [B, Hq, 1], selected-linear float32 [B, 1, Hq, Dv (+1)] or None,
     counts int64 [B, Hkv, 1])``. Declines (NotImplementedError) several tokens, the taylor feature map, feature
     dims other than D, head dims > 256 and dtypes other than float32 / bfloat16 / float16.
+
+    With ``state`` (float32 [B, Hkv, F, Dv + 1], ``rla="subtract"``'s linear state; needs ``phi_q``) the third
+    output is the finished residual of ``spla_decode`` instead, in the same kernel that merges the splits:
+    ``phi(q)^T S[..., :Dv (+1)] - selected-linear``, zero for a row without unselected keys, and with
+    ``normalize`` (needs ``with_normalizer``) divided by its normalizer column: float32 [B, 1, Hq, Dv] (normalize)
+    or [B, 1, Hq, Dv (+1)].
     """
     B, T, Hq, D = q.shape
     M, Hkv, DV = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
@@ -423,6 +457,11 @@ def decode_sparse_with_selected_linear(
     selected = phi_q is not None
     if selected and (feature_map not in _FEATURE_MAPS or phi_q.shape[-1] != D):
         raise NotImplementedError(f"feature map {feature_map!r} (F = {phi_q.shape[-1]}) is not computed in the kernel")
+    residual = state is not None
+    if residual and (not selected or tuple(state.shape) != (B, Hkv, D, DV + 1) or state.dtype != torch.float32
+                     or (normalize and not with_normalizer)):
+        raise NotImplementedError(f"the fused residual takes phi_q and a float32 state [B, Hkv, F, Dv + 1] = "
+                                  f"[{B}, {Hkv}, {D}, {DV + 1}]; normalize needs with_normalizer")
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     pq = phi_q.to(q.dtype).contiguous() if selected else q
     n_sel = block_idx.shape[-1]
@@ -444,15 +483,17 @@ def decode_sparse_with_selected_linear(
         SELECTED=selected, FMAP=_FEATURE_MAPS.get(feature_map, 0), UPCAST=upcast, IEEE=q.dtype == torch.float32,
         num_warps=CONFIG.attn_warps, num_stages=CONFIG.attn_stages,
     )
-    DVS = DV + 1 if with_normalizer else DV
+    DVS = DV + 1 if with_normalizer and not (residual and normalize) else DV
     o = torch.empty(B, 1, Hq, DV, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, 1, dtype=f32, device=dev)
     sel = torch.empty(B, 1, Hq, DVS, dtype=f32, device=dev) if selected else None
     counts = torch.empty(B, Hkv, 1, dtype=torch.int64, device=dev)
     _combine_kernel[(B * Hkv, G)](
-        p_m, p_l, p_o, p_s, p_n, p_c, o, lse, sel if selected else o, counts, Hkv, G, n_split,
-        DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split), SC=min(next_pow2(n_split), CONFIG.combine_splits),
-        SELECTED=selected, NORM=bool(with_normalizer), num_warps=CONFIG.combine_warps,
+        p_m, p_l, p_o, p_s, p_n, p_c, o, lse, sel if selected else o, counts,
+        phi_q.contiguous() if residual else o, state.contiguous() if residual else o, pos, Hkv, G, n_split, D,
+        float(eps), DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split),
+        SC=min(next_pow2(n_split), CONFIG.combine_splits), BF=min(32, max(16, next_pow2(D))), SELECTED=selected,
+        NORM=bool(with_normalizer), RESIDUAL=residual, FINISH=bool(normalize), num_warps=CONFIG.combine_warps,
     )
     return o, lse, sel, counts
 

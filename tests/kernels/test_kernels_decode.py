@@ -188,13 +188,20 @@ def test_sparse_step_matches_reference_and_reads_only_selected_blocks(monkeypatc
 
 @pytest.mark.parametrize("rla,combine,normalize", [("subtract", "add", True), ("subtract", "joint", True),
                                                    ("none", "add", True), ("subtract", "add", False)])
-def test_spla_decode_step_triton_equals_reference(rla, combine, normalize):
-    """The whole one-token step (selection, sparse part, selected-linear, state, combine) on both paths."""
+@pytest.mark.parametrize("pos", [[[40], [17]], [[40], [9]]], ids=["partial", "all-selected"])
+def test_spla_decode_step_triton_equals_reference(monkeypatch, rla, combine, normalize, pos):
+    """The whole one-token step (selection, sparse part, selected-linear, state, combine) on both paths; the
+    Triton one finishes the residual in the sparse kernel's combine (a row of 3 blocks, all selected, has an
+    empty residual)."""
+    fused = []
+    kernel = K.decode_sparse_with_selected_linear
+    monkeypatch.setattr(K, "decode_sparse_with_selected_linear",
+                        lambda *a, **kw: fused.append(kw.get("state") is not None) or kernel(*a, **kw))
     g = torch.Generator().manual_seed(2)
     M, Hq, F = 48, 2 * HKV, D
     k, v = _cache(g, M, torch.float32)
     q = torch.randn(B, 1, Hq, D, generator=g)
-    positions = torch.tensor([[40], [17]])
+    positions = torch.tensor(pos)
     mean, second = _stats(g, M // BS, "diag")
     state = torch.rand(B, HKV, F, D + 1, generator=g) * 5
     sel = Selection(block_size=BS, topk=3)
@@ -206,6 +213,7 @@ def test_spla_decode_step_triton_equals_reference(rla, combine, normalize):
     ref = ops.spla_decode(q, k, v, positions, sel, impl="reference", **kw)
     got = ops.spla_decode(q, k, v, positions, sel, impl="triton", **kw)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert fused == [rla == "subtract"]
 
 
 @torch.no_grad()
