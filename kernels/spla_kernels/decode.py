@@ -2,16 +2,19 @@
 
 * :func:`decode_select_blocks` (``spla_lit.ops.decode_select`` for one token): score every complete block of a
   row from the cached block statistics and keep the top-k, forced local / sink blocks included. The blocks are
-  split over programs (``(B * Hkv, splits)``), each keeping a running top-k of its blocks (packed int64 keys, as
-  in ``_select_kernels``); a small kernel merges the splits' lists.
+  split over programs (``(B * Hkv, splits)``); each scores tiles of blocks for the G query heads at once
+  (products on tensor cores, exact: :func:`_stat_dot`) and keeps a running top-k (packed int64 keys, as in
+  ``_select_kernels``); a small kernel merges the splits' lists.
 * :func:`decode_append` (``LayerCache.append`` for one token per row): the new K/V, the block statistics and the
   linear state updated in one kernel.
 * :func:`decode_sparse_with_selected_linear` (``spla_lit.ops.decode_sparse_attention`` for one token): exact
   attention over the selected blocks and the selected-linear term ``sum (phi(q) . phi(k_j)) [v_j, 1]`` from the
   same K/V tiles, flash-decoding style: the G query heads of a KV head in one program (rows of a tensor-core
   tile), the selected blocks split over programs, each writing a partial softmax state; a combine kernel merges
-  them. ``phi(k)`` is computed in the kernel from the key tile (elu1, relu, softmax, identity), so no feature
-  cache is needed. Masked loads: the keys and values of unselected blocks are never read.
+  them (one program per query head), and can finish SPLA's residual there (``phi(q)^T S - selected``, its
+  emptiness and normaliser). ``phi(k)`` is computed in the kernel from the key tile (elu1, relu, softmax,
+  identity), so no feature cache is needed. Masked loads: the keys and values of unselected blocks are never
+  read.
 
 Same signatures and results as the references in ``spla_lit.ops.decode``; other cases (T > 1, the taylor feature
 map, full covariance, D > 256) raise ``NotImplementedError`` so that the reference runs instead. No host sync and
