@@ -442,12 +442,39 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def decode_knobs(c: dict, device, dtype, impl: str, timer: Timer) -> list[dict]:
+    """Opt-in section ``knobs``: the decode kernels' launch choices (``spla_kernels.decode.CONFIG``) at the
+    largest context, B = 8: selection alone and the whole step per setting (CUDA-graph replays)."""
+    from spla_kernels import decode as dk
+
+    sel = Selection(block_size=c["block"], topk=c["topk"])
+    ctx, B = c["contexts"][-1], c["batches"][-1]
+    x = layer_cache(B, ctx, c, device, dtype)
+    default, rows = dict(vars(dk.CONFIG)), []
+    grid = [dict(score_blocks=n, score_warps=w) for n in (32, 64, 128) for w in (4, 8)]
+    grid += [dict(programs_per_sm=p) for p in (1, 4)] + [dict(attn_warps=8)]
+    try:
+        for knobs in grid:
+            vars(dk.CONFIG).update(default | knobs)
+            with torch.inference_mode():
+                r = dict(context=ctx, batch=B, **knobs)
+                r["select_ms"] = timer(graphed(lambda: ops.decode_select(
+                    x["q"], x["mean"], x["var"], x["positions"], sel, impl=impl), device))
+                r["spla_ms"] = timer(graphed(lambda: spla_step(x, sel, impl), device))
+            log(f"knobs {knobs}: select {r['select_ms']:.4f} ms, step {r['spla_ms']:.4f} ms")
+            rows.append(r)
+    finally:
+        vars(dk.CONFIG).update(default)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for results.json and results.md")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"])
-    ap.add_argument("--sections", default="attention,model,prefill", help="comma-separated subset to run")
+    ap.add_argument("--sections", default="attention,model,prefill",
+                    help="comma-separated subset to run (also: knobs, the decode kernels' launch choices)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     c = dict(FULL if device.type == "cuda" else TINY)
@@ -482,6 +509,9 @@ def main(argv=None) -> dict:
         save()
     if "prefill" in sections:
         res["prefill"] = prefill(c, device, dtype, args.impl, timer)
+        save()
+    if "knobs" in sections:  # opt-in: the decode kernels' launch choices
+        res["knobs"] = decode_knobs(c, device, dtype, args.impl, timer)
         save()
     log(f"done in {res['wall_s']:.0f} s; wrote {out / 'results.json'}")
     return res

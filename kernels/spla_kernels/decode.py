@@ -2,16 +2,19 @@
 
 * :func:`decode_select_blocks` (``spla_lit.ops.decode_select`` for one token): score every complete block of a
   row from the cached block statistics and keep the top-k, forced local / sink blocks included. The blocks are
-  split over programs (``(B * Hkv, splits)``), each keeping a running top-k of its blocks (packed int64 keys, as
-  in ``_select_kernels``); a small kernel merges the splits' lists.
+  split over programs (``(B * Hkv, splits)``); each scores tiles of blocks for the G query heads at once
+  (products on tensor cores, exact: :func:`_stat_dot`) and keeps a running top-k (packed int64 keys, as in
+  ``_select_kernels``); a small kernel merges the splits' lists.
 * :func:`decode_append` (``LayerCache.append`` for one token per row): the new K/V, the block statistics and the
   linear state updated in one kernel.
 * :func:`decode_sparse_with_selected_linear` (``spla_lit.ops.decode_sparse_attention`` for one token): exact
   attention over the selected blocks and the selected-linear term ``sum (phi(q) . phi(k_j)) [v_j, 1]`` from the
   same K/V tiles, flash-decoding style: the G query heads of a KV head in one program (rows of a tensor-core
   tile), the selected blocks split over programs, each writing a partial softmax state; a combine kernel merges
-  them. ``phi(k)`` is computed in the kernel from the key tile (elu1, relu, softmax, identity), so no feature
-  cache is needed. Masked loads: the keys and values of unselected blocks are never read.
+  them (one program per query head), and can finish SPLA's residual there (``phi(q)^T S - selected``, its
+  emptiness and normaliser). ``phi(k)`` is computed in the kernel from the key tile (elu1, relu, softmax,
+  identity), so no feature cache is needed. Masked loads: the keys and values of unselected blocks are never
+  read.
 
 Same signatures and results as the references in ``spla_lit.ops.decode``; other cases (T > 1, the taylor feature
 map, full covariance, D > 256) raise ``NotImplementedError`` so that the reference runs instead. No host sync and
@@ -44,13 +47,16 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass
 class DecodeConfig:
     """Launch choices. ``programs_per_sm``: splits are chosen so that about this many programs per SM run
-    (flash-decoding: at batch 1 there are only Hkv rows of work); ``score_blocks``: blocks per scoring step."""
+    (flash-decoding: at batch 1 there are only Hkv rows of work); ``score_blocks``: blocks per scoring step;
+    ``combine_splits``: attention splits the combine kernel reads at once."""
 
     programs_per_sm: int = 2
     score_blocks: int = 64
     score_warps: int = 4
     attn_warps: int = 4
     attn_stages: int = 2
+    combine_splits: int = 16
+    combine_warps: int = 4
 
 
 CONFIG = DecodeConfig()
@@ -76,15 +82,37 @@ _SENT = -9223372036854775808
 
 
 @triton.jit
+def _stat_dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b^T`` (a [GP, BD], b [BN, BD]) in float32 with exact products. PREC 0: float32 FMAs (float32
+    statistics); 1: bfloat16 tensor cores (a and b hold bfloat16 values); 2: tf32x3 tensor cores (a holds at
+    most 22 significant bits, b float16 / bfloat16 values: both exact in the split). UPCAST (the interpreter,
+    whose bfloat16 dot is wrong): PREC 1's bfloat16 operands as float32."""
+    if PREC == 1 and UPCAST:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), tl.trans(b.to(tl.bfloat16).to(tl.float32)),
+                      input_precision="ieee")
+    elif PREC == 1:
+        return tl.dot(a.to(tl.bfloat16), tl.trans(b.to(tl.bfloat16)))
+    elif PREC == 2:
+        return tl.dot(a, tl.trans(b.to(tl.float32)), input_precision="tf32x3")
+    else:
+        return tl.dot(a, tl.trans(b.to(tl.float32)), input_precision="ieee")
+
+
+@triton.jit
 def _score_kernel(
     Q, MEAN, SEC, LAM, POS, KEYS,
     s_qb, s_qh, s_mb, s_mh, s_mn, s_sb, s_sh, s_sn, s_sd, s_lb, s_lh, s_ln,
     HKV, G, D, NK, block_size, local_blocks, sink_blocks, per_split, n_split, scale, half_scale2, log_bs,
     GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, ORDER: tl.constexpr,
-    RANK: tl.constexpr, REDUCE: tl.constexpr,
+    RANK: tl.constexpr, REDUCE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """grid (B * Hkv, splits): the top-KP packed keys of this split's visible blocks -> KEYS [B*Hkv, splits, KP].
-    ORDER 1 taylor1, 2 taylor2 diag, 3 taylor2 lowrank (SEC = eigenvectors [.., D, RANK], LAM = eigenvalues)."""
+    ORDER 1 taylor1, 2 taylor2 diag, 3 taylor2 lowrank (SEC = eigenvectors [.., D, RANK], LAM = eigenvalues).
+
+    Each step scores a tile of BN blocks for the G heads at once: [GP, D] x [D, BN] products on tensor cores
+    (PREC, :func:`_stat_dot`: the products are exact, as in float32), the head reduction over the tile's
+    columns, then the tile's top-KP (a sort network) merged into the running list, skipped when no key of the
+    tile enters it (most tiles once the list is full)."""
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // HKV
@@ -99,6 +127,11 @@ def _score_kernel(
     dm = ds < D
     q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + ds[None, :], mask=(g < G)[:, None] & dm[None, :],
                 other=0.0).to(tl.float32)
+    if ORDER == 2:
+        q2 = q * q  # exact in float32 for half-precision q
+        if PREC == 1:  # q^2 of a bfloat16 q has <= 16 significant bits: hi + lo in bfloat16, exactly
+            q2_hi = q2.to(tl.bfloat16).to(tl.float32)
+            q2_lo = q2 - q2_hi
     best = tl.full([1, KP], SENT, dtype=tl.int64)
     first = sp * per_split
     stop = tl.minimum(tl.minimum(first + per_split, diag + 1), NK)
@@ -107,16 +140,20 @@ def _score_kernel(
         ok = blk < stop
         msk = ok[:, None] & dm[None, :]
         mean = tl.load(MEAN + b * s_mb + h * s_mh + blk[:, None] * s_mn + ds[None, :], mask=msk, other=0.0)
-        s = tl.dot(q, tl.trans(mean.to(tl.float32)), input_precision="ieee") * scale
-        if ORDER == 2:
+        if ORDER == 2:  # both tiles' loads in flight before the first product
             var = tl.load(SEC + b * s_sb + h * s_sh + blk[:, None] * s_sn + ds[None, :], mask=msk, other=0.0)
-            s += tl.dot(q * q, tl.trans(var.to(tl.float32)), input_precision="ieee") * half_scale2
+        s = _stat_dot(q, mean, PREC, UPCAST) * scale
+        if ORDER == 2:
+            if PREC == 1:
+                s += (_stat_dot(q2_hi, var, PREC, UPCAST) + _stat_dot(q2_lo, var, PREC, UPCAST)) * half_scale2
+            else:
+                s += _stat_dot(q2, var, PREC, UPCAST) * half_scale2
         if ORDER == 3:
             for r in tl.static_range(RANK):
                 u = tl.load(SEC + b * s_sb + h * s_sh + blk[:, None] * s_sn + ds[None, :] * s_sd + r, mask=msk,
                             other=0.0)
                 lam = tl.load(LAM + b * s_lb + h * s_lh + blk * s_ln + r, mask=ok, other=0.0).to(tl.float32)
-                pr = tl.dot(q, tl.trans(u.to(tl.float32)), input_precision="ieee")
+                pr = _stat_dot(q, u, PREC, UPCAST)
                 s += pr * pr * lam[None, :] * half_scale2
         s += log_bs
         gok = (g < G)[:, None]
@@ -131,8 +168,10 @@ def _score_kernel(
         red = tl.where(red != red, float("-inf"), red)  # NaN is never picked, like the reference
         key = (_sortable(red).to(tl.int64) << 32) + (MAXB - blk).to(tl.int64)
         key = tl.where(ok & (red != float("-inf")), key, SENT)
-        cand = tl.topk(tl.reshape(key, [1, BN]), KP, dim=1)  # descending
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(cand, 1)), dim=1, descending=True)
+        # The sort network only when a key of the tile beats the list's last (keys are distinct: exact skip).
+        if tl.max(key, 0) > tl.min(best):
+            cand = tl.topk(tl.reshape(key, [1, BN]), KP, dim=1)  # descending
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(cand, 1)), dim=1, descending=True)
     tl.store(KEYS + (bh * n_split + sp).to(tl.int64) * KP + tl.arange(0, KP)[None, :], best)
 
 
@@ -191,13 +230,20 @@ def decode_select_blocks(q: torch.Tensor, mean: torch.Tensor, second, positions:
     if mean.stride(-1) != 1 or (order == 2 and sec.stride(-1) != 1):
         raise NotImplementedError("block statistics must be contiguous along D")
     scale = D**-0.5 if sel.scale is None else float(sel.scale)
-    interpreting()  # applies the interpreter's shims (run-time loop bounds) when it runs
     KP = next_pow2(sel.topk)
     BN = max(CONFIG.score_blocks, KP, 16)
     n_split, per = _splits(cdiv(nK, BN), B * Hkv, q.device)
     per *= BN
     n_split = cdiv(nK, per)
     qf = q.reshape(B, Hq, D)
+    halves = (torch.bfloat16, torch.float16)
+    stats = [mean] + ([sec] if order > 1 else [])
+    if all(t.dtype == torch.bfloat16 for t in (q, *stats)):
+        prec = 1  # bfloat16 tensor cores: exact products (q^2 split in two bfloat16 parts)
+    elif q.dtype in halves and all(t.dtype in halves for t in stats):
+        prec = 2  # tf32x3: half-precision values and their squares are exact in the split
+    else:
+        prec = 0  # float32 statistics: float32 FMAs
     keys = torch.empty(B * Hkv, n_split, KP, dtype=torch.int64, device=q.device)
     _score_kernel[(B * Hkv, n_split)](
         qf, mean, sec, lam, positions.reshape(B), keys,
@@ -205,7 +251,7 @@ def decode_select_blocks(q: torch.Tensor, mean: torch.Tensor, second, positions:
         Hkv, G, D, nK, sel.block_size, sel.local_blocks, sel.sink_blocks, per, n_split, scale, 0.5 * scale * scale,
         math.log(sel.block_size),
         GP=max(16, next_pow2(G)), BD=max(16, next_pow2(D)), BN=BN, KP=KP, ORDER=order, RANK=rank,
-        REDUCE=_REDUCE[sel.head_reduce], num_warps=CONFIG.score_warps,
+        REDUCE=_REDUCE[sel.head_reduce], PREC=prec, UPCAST=interpreting(), num_warps=CONFIG.score_warps,
     )
     out = torch.empty(B, Hkv, 1, sel.topk, dtype=torch.int32, device=q.device)
     _merge_kernel[(B * Hkv,)](keys, out, n_split, sel.topk, NSP=next_pow2(n_split), KP=KP)
@@ -312,58 +358,94 @@ def _attn_kernel(
 
 @triton.jit
 def _combine_kernel(
-    P_M, P_L, P_O, P_S, P_N, P_C, O, LSE, SEL, CNT, HKV, G, n_split,
+    P_M, P_L, P_O, P_S, P_N, P_C, O, LSE, SEL, CNT, PQ, STATE, POS, HKV, G, n_split, F, eps,
     DV: tl.constexpr, DVS: tl.constexpr, BDV: tl.constexpr, GP: tl.constexpr, NSP: tl.constexpr,
-    SELECTED: tl.constexpr, NORM: tl.constexpr,
+    SC: tl.constexpr, BF: tl.constexpr, SELECTED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
-    """grid (B * Hkv,): merge the splits -> o [B, 1, Hq, DV], lse [B, Hq, 1], sel [B, 1, Hq, DVS], counts."""
+    """grid (B * Hkv, G): merge the splits of one query head -> o [B, 1, Hq, DV], lse [B, Hq, 1], sel [B, 1, Hq,
+    DVS], counts. The splits' partial states are read SC at a time (one round trip for up to SC splits: a
+    serial loop over the splits waited on every load).
+
+    RESIDUAL: SEL gets the finished residual instead, ``phi(q)^T S - sel`` (STATE [B, Hkv, F, DV + 1] float32,
+    PQ [B, 1, Hq, F]) zeroed when the row has no unselected key (count >= position + 1), and with FINISH
+    divided by its normalizer column (clamped at 0, + eps): ``_finish_residual`` of the reference."""
     bh = tl.program_id(0)
+    g = tl.program_id(1)
     LN2: tl.constexpr = 0.6931471805599453
-    g = tl.arange(0, GP)
-    gok = g < G
     dvs = tl.arange(0, BDV)
-    s = tl.arange(0, NSP)
     base = (bh * n_split).to(tl.int64)
-    ms = tl.load(P_M + (base + s[:, None]) * GP + g[None, :], mask=(s < n_split)[:, None], other=float("-inf"))
-    mx = tl.max(ms, 0)
+    s = tl.arange(0, NSP)
+    mx = tl.max(tl.load(P_M + (base + s) * GP + g, mask=s < n_split, other=float("-inf")), 0)
     m_use = tl.where(mx == float("-inf"), 0.0, mx)
-    lsum = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BDV], tl.float32)
-    sacc = tl.zeros([GP, BDV], tl.float32)
-    nacc = tl.zeros([GP], tl.float32)
-    cnt = tl.load(P_C + base)
-    for i in range(n_split):
-        part = base + i
-        w = tl.exp2(tl.load(P_M + part * GP + g) - m_use)
-        lsum += tl.load(P_L + part * GP + g) * w
-        acc += tl.load(P_O + (part * GP + g)[:, None] * BDV + dvs[None, :]) * w[:, None]
+    lsum = tl.zeros([SC], tl.float32)
+    acc = tl.zeros([SC, BDV], tl.float32)
+    sacc = tl.zeros([SC, BDV], tl.float32)
+    nacc = tl.zeros([SC], tl.float32)
+    cnt = tl.zeros([SC], tl.int32)
+    for c0 in range(0, n_split, SC):
+        c = c0 + tl.arange(0, SC)
+        cm = c < n_split
+        slot = (base + c) * GP + g
+        w = tl.exp2(tl.load(P_M + slot, mask=cm, other=float("-inf")) - m_use)  # empty split: m = -inf, w = 0
+        lsum += tl.load(P_L + slot, mask=cm, other=0.0) * w
+        acc += tl.load(P_O + slot[:, None] * BDV + dvs[None, :], mask=cm[:, None], other=0.0) * w[:, None]
         if SELECTED:
-            sacc += tl.load(P_S + (part * GP + g)[:, None] * BDV + dvs[None, :])
-            nacc += tl.load(P_N + part * GP + g)
-        if i > 0:
-            cnt += tl.load(P_C + part)
-    has = lsum > 0
+            sacc += tl.load(P_S + slot[:, None] * BDV + dvs[None, :], mask=cm[:, None], other=0.0)
+            nacc += tl.load(P_N + slot, mask=cm, other=0.0)
+        cnt += tl.load(P_C + base + c, mask=cm, other=0)
+    lsum_t = tl.sum(lsum, 0)
+    has = lsum_t > 0
     row = (bh * G + g).to(tl.int64)  # [B, 1, Hq, .] rows: b * Hq + h * G + g
-    dm = gok[:, None] & (dvs < DV)[None, :]
-    tl.store(O + row[:, None] * DV + dvs[None, :], (acc / tl.where(has, lsum, 1.0)[:, None]).to(O.dtype.element_ty),
-             mask=dm)
-    tl.store(LSE + row, tl.where(has, (m_use + tl.log2(tl.where(has, lsum, 1.0))) * LN2, float("-inf")), mask=gok)
-    if SELECTED:
-        tl.store(SEL + row[:, None] * DVS + dvs[None, :], sacc, mask=dm)
+    dm = dvs < DV
+    tl.store(O + row * DV + dvs, (tl.sum(acc, 0) / tl.where(has, lsum_t, 1.0)).to(O.dtype.element_ty), mask=dm)
+    tl.store(LSE + row, tl.where(has, (m_use + tl.log2(tl.where(has, lsum_t, 1.0))) * LN2, float("-inf")))
+    if RESIDUAL:
+        b = bh // HKV
+        keep = tl.sum(cnt, 0).to(tl.int64) < tl.load(POS + b).to(tl.int64) + 1  # an unselected key exists
+        num = tl.zeros([BDV], tl.float32)
+        den = 0.0
+        for f0 in range(0, F, BF):  # phi(q)^T S: the state's rows BF at a time
+            f = f0 + tl.arange(0, BF)
+            fm = f < F
+            pq = tl.load(PQ + row * F + f, mask=fm, other=0.0).to(tl.float32)
+            srow = STATE + (bh * F + f).to(tl.int64) * (DV + 1)
+            num += tl.sum(pq[:, None] * tl.load(srow[:, None] + dvs[None, :], mask=fm[:, None] & dm[None, :],
+                                                other=0.0), 0)
+            if NORM:
+                den += tl.sum(pq * tl.load(srow + DV, mask=fm, other=0.0), 0)
+        num = tl.where(keep, num - tl.sum(sacc, 0), 0.0)
+        den = tl.where(keep, den - tl.sum(nacc, 0), 0.0)
+        if FINISH:
+            tl.store(SEL + row * DVS + dvs, num / (tl.maximum(den, 0.0) + eps), mask=dm)
+        else:
+            tl.store(SEL + row * DVS + dvs, num, mask=dm)
+            if NORM:
+                tl.store(SEL + row * DVS + DV, den)
+    elif SELECTED:
+        tl.store(SEL + row * DVS + dvs, tl.sum(sacc, 0), mask=dm)
         if NORM:
-            tl.store(SEL + row * DVS + DV, nacc, mask=gok)
-    tl.store(CNT + bh, cnt.to(tl.int64))
+            tl.store(SEL + row * DVS + DV, tl.sum(nacc, 0))
+    if g == 0:
+        tl.store(CNT + bh, tl.sum(cnt, 0).to(tl.int64))
 
 
 def decode_sparse_with_selected_linear(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor, positions: torch.Tensor,
     *, block_size: int, scale: float, phi_q: torch.Tensor | None = None, feature_map: str = "elu1",
-    with_normalizer: bool = False,
+    with_normalizer: bool = False, state: torch.Tensor | None = None, normalize: bool = False,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``spla_lit.ops.decode_sparse_attention`` for one new token per row (flash-decoding over the selected
     blocks): ``(o [B, 1, Hq, Dv], lse float32 [B, Hq, 1], selected-linear float32 [B, 1, Hq, Dv (+1)] or None,
     counts int64 [B, Hkv, 1])``. Declines (NotImplementedError) several tokens, the taylor feature map, feature
     dims other than D, head dims > 256 and dtypes other than float32 / bfloat16 / float16.
+
+    With ``state`` (float32 [B, Hkv, F, Dv + 1], ``rla="subtract"``'s linear state; needs ``phi_q``) the third
+    output is the finished residual of ``spla_decode`` instead, in the same kernel that merges the splits:
+    ``phi(q)^T S[..., :Dv (+1)] - selected-linear``, zero for a row without unselected keys, and with
+    ``normalize`` (needs ``with_normalizer``) divided by its normalizer column: float32 [B, 1, Hq, Dv] (normalize)
+    or [B, 1, Hq, Dv (+1)].
     """
     B, T, Hq, D = q.shape
     M, Hkv, DV = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
@@ -378,6 +460,11 @@ def decode_sparse_with_selected_linear(
     selected = phi_q is not None
     if selected and (feature_map not in _FEATURE_MAPS or phi_q.shape[-1] != D):
         raise NotImplementedError(f"feature map {feature_map!r} (F = {phi_q.shape[-1]}) is not computed in the kernel")
+    residual = state is not None
+    if residual and (not selected or tuple(state.shape) != (B, Hkv, D, DV + 1) or state.dtype != torch.float32
+                     or (normalize and not with_normalizer)):
+        raise NotImplementedError(f"the fused residual takes phi_q and a float32 state [B, Hkv, F, Dv + 1] = "
+                                  f"[{B}, {Hkv}, {D}, {DV + 1}]; normalize needs with_normalizer")
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     pq = phi_q.to(q.dtype).contiguous() if selected else q
     n_sel = block_idx.shape[-1]
@@ -399,14 +486,17 @@ def decode_sparse_with_selected_linear(
         SELECTED=selected, FMAP=_FEATURE_MAPS.get(feature_map, 0), UPCAST=upcast, IEEE=q.dtype == torch.float32,
         num_warps=CONFIG.attn_warps, num_stages=CONFIG.attn_stages,
     )
-    DVS = DV + 1 if with_normalizer else DV
+    DVS = DV + 1 if with_normalizer and not (residual and normalize) else DV
     o = torch.empty(B, 1, Hq, DV, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, 1, dtype=f32, device=dev)
     sel = torch.empty(B, 1, Hq, DVS, dtype=f32, device=dev) if selected else None
     counts = torch.empty(B, Hkv, 1, dtype=torch.int64, device=dev)
-    _combine_kernel[(B * Hkv,)](
-        p_m, p_l, p_o, p_s, p_n, p_c, o, lse, sel if selected else o, counts, Hkv, G, n_split,
-        DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split), SELECTED=selected, NORM=bool(with_normalizer),
+    _combine_kernel[(B * Hkv, G)](
+        p_m, p_l, p_o, p_s, p_n, p_c, o, lse, sel if selected else o, counts,
+        phi_q.contiguous() if residual else o, state.contiguous() if residual else o, pos, Hkv, G, n_split, D,
+        float(eps), DV=DV, DVS=DVS, BDV=BDV, GP=GP, NSP=next_pow2(n_split),
+        SC=min(next_pow2(n_split), CONFIG.combine_splits), BF=min(32, max(16, next_pow2(D))), SELECTED=selected,
+        NORM=bool(with_normalizer), RESIDUAL=residual, FINISH=bool(normalize), num_warps=CONFIG.combine_warps,
     )
     return o, lse, sel, counts
 

@@ -192,10 +192,10 @@ class SPLAAttention(_Projections):
             return self.out(o)
         cache.append(k, v, residual.get("phi_k"), impl=self.impl)
         kc, vc = cache.keys_values()
-        feature_map = self.rla.feature_map_name if self.rla is not None else "elu1"
+        residual.pop("recompute_features", None)  # a training-op argument (op_inputs serves both)
+        residual.setdefault("feature_map", self.rla.feature_map_name if self.rla is not None else "elu1")
         o = ops.spla_decode(q, kc, vc, cache.positions, self.selection, block_stats=cache.block_stats,
-                            state=cache.state, feature_map=feature_map, generator=generator, impl=self.impl,
-                            **residual)
+                            state=cache.state, generator=generator, impl=self.impl, **residual)
         return self.out(o)
 
     def extra_repr(self) -> str:

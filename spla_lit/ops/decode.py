@@ -400,11 +400,21 @@ def spla_decode(
     if rla != "none" and phi_q is None:
         phi_q = get_feature_map(feature_map)(q)
     with_den = normalize or joint
-    o_sparse, lse, sel_lin, counts = decode_sparse_attention(
-        q, k_cache, v_cache, block_idx, positions, block_size=sel.block_size, scale=sel.scale,
-        phi_q=phi_q if rla == "subtract" else None, feature_map=feature_map, with_normalizer=with_den, impl=impl)
     residual = None
-    if rla == "subtract":
+    if rla == "subtract" and T == 1 and use_triton(impl, "decode_sparse_with_selected_linear", q, k_cache, v_cache):
+        # One kernel also finishes the residual (phi(q)^T S - selected-linear, emptiness, normalizer) where the
+        # splits are merged: the torch epilogue below is a dozen tiny kernels, most of a short step.
+        scale = D**-0.5 if sel.scale is None else sel.scale
+        fused = run_kernel(impl, "decode_sparse_with_selected_linear", q, k_cache, v_cache, block_idx, positions,
+                           block_size=sel.block_size, scale=scale, phi_q=phi_q, feature_map=feature_map,
+                           with_normalizer=with_den, state=state, normalize=normalize and not joint)
+        if fused is not None:
+            o_sparse, lse, residual, counts = fused
+    if residual is None:
+        o_sparse, lse, sel_lin, counts = decode_sparse_attention(
+            q, k_cache, v_cache, block_idx, positions, block_size=sel.block_size, scale=sel.scale,
+            phi_q=phi_q if rla == "subtract" else None, feature_map=feature_map, with_normalizer=with_den, impl=impl)
+    if rla == "subtract" and residual is None:
         chunk = {}
         if T > 1:  # the chunk's later tokens are subtracted from the state (decode_linear_attention)
             chunk["phi_k"] = get_feature_map(feature_map)(_rows_at(k_cache, positions)) if phi_k is None else phi_k
@@ -421,7 +431,7 @@ def spla_decode(
     if residual is None:
         out, extra = o_sparse, None
     else:
-        out, extra = _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps)
+        out, extra = _combine(o_sparse, residual, combine, lse, gate, norm_weight, norm_eps, impl=impl)
     if not return_aux:
         return out
     return out, SPLAAux(block_idx=block_idx, o_sparse=o_sparse, lse=lse, residual=residual)

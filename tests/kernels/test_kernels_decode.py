@@ -59,6 +59,71 @@ def test_select_matches_reference(monkeypatch, scorer, covariance, reduce, sink,
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scorer,covariance,reduce", [("taylor2", "diag", "lse"), ("taylor2", "lowrank", "max"),
+                                                      ("taylor1", "diag", "mean")])
+def test_select_half_precision_statistics_match_the_exact_reference(monkeypatch, dtype, scorer, covariance, reduce):
+    """Half-precision q and statistics take the tensor-core products (bfloat16 with q^2 split in two parts,
+    tf32x3 for float16): the selection equals the float64 reference of the same values, over many blocks in
+    several tiles per split and several splits."""
+    monkeypatch.setattr(K.CONFIG, "score_blocks", 16)
+    monkeypatch.setattr(K.CONFIG, "programs_per_sm", 1)  # 4 "SMs" / 4 rows: one split; 2 rows: two
+    g = torch.Generator().manual_seed(5)
+    nK = 150
+    mean, second = _stats(g, nK, covariance if scorer == "taylor2" else None)
+    mean = mean.to(dtype)
+    if covariance == "lowrank" and second is not None:
+        second = (second[0].to(dtype), second[1])
+    elif second is not None:
+        second = second.to(dtype)
+    q = (torch.randn(B, 1, 4 * HKV, D, generator=g) * 1.5).to(dtype)
+    sel = Selection(block_size=BS, topk=7, local_blocks=2, sink_blocks=1, scorer=scorer, covariance=covariance,
+                    head_reduce=reduce)
+
+    def f64(x):
+        return tuple(f64(t) for t in x) if isinstance(x, tuple) else None if x is None else x.double()
+
+    for pos, rows in (([[599], [433]], B), ([[599], [433]], 1)):
+        positions = torch.tensor(pos[:rows])
+        ref = ops.decode_select(q[:rows].double(), f64(mean)[:rows], _rows(f64(second), rows), positions, sel,
+                                impl="reference")
+        got = ops.decode_select(q[:rows], mean[:rows], _rows(second, rows), positions, sel, impl="triton")
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def _rows(x, n):
+    return tuple(t[:n] for t in x) if isinstance(x, tuple) else None if x is None else x[:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_ties_keep_the_lower_block_index(monkeypatch, dtype):
+    """Blocks with equal statistics score exactly equal: the lower block index wins, in a tile, across the tiles
+    of a split and across splits (the kernel's rule; torch.topk of the reference breaks ties its own way)."""
+    monkeypatch.setattr(K.CONFIG, "score_blocks", 16)
+    g = torch.Generator().manual_seed(6)
+    nK = 100
+    mean, var = _stats(g, nK, "diag")
+    mean[:, :, 30:] = mean[:, :, 10:11]  # blocks 10 and 30..99 tie; 0..9 and 11..29 random
+    var[:, :, 30:] = var[:, :, 10:11]
+    mean[:, 0] = mean[:, 0, :1]  # KV head 0: every block ties
+    var[:, 0] = var[:, 0, :1]
+    mean, var = mean.to(dtype), var.to(dtype)
+    q = torch.randn(B, 1, 4 * HKV, D, generator=g).to(dtype)
+    q[:, :, 4:] *= 0.3  # head 1's tied score among its top blocks
+    positions = torch.tensor([[399], [250]])
+    for topk in (5, 12):
+        sel = Selection(block_size=BS, topk=topk, local_blocks=1, sink_blocks=0)
+        scores = ops.decode_block_scores(q.double(), mean.double(), var.double(), positions, sel)
+        got = ops.decode_select(q, mean, var, positions, sel, impl="triton")
+        for b in range(B):
+            for h in range(HKV):
+                s = scores[b, h, 0].tolist()
+                s[int(positions[b, 0]) // BS] = float("inf")  # the own (local) block is forced
+                want = sorted(sorted(range(nK), key=lambda j: (-s[j], j))[:topk])
+                assert got[b, h, 0].tolist() == want, (topk, b, h)
+        assert got[:, 0, 0, :-1].tolist() == [list(range(topk - 1))] * B  # head 0: the first blocks, then local
+
+
 def test_select_declines_what_it_does_not_score():
     q = torch.randn(1, 1, 2, D)
     mean = torch.randn(1, 1, 3, D)
@@ -94,6 +159,7 @@ def _poison_unselected(k, v, block_idx, positions):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_step_matches_reference_and_reads_only_selected_blocks(monkeypatch, feature_map, normalizer, dtype):
     monkeypatch.setattr(K.CONFIG, "programs_per_sm", 3)  # 3 splits of the 6 selected blocks
+    monkeypatch.setattr(K.CONFIG, "combine_splits", 2)  # the combine reads them in two rounds
     g = torch.Generator().manual_seed(1)
     M, Hq = 64, 4 * HKV
     k, v = _cache(g, M, dtype)
@@ -122,13 +188,20 @@ def test_sparse_step_matches_reference_and_reads_only_selected_blocks(monkeypatc
 
 @pytest.mark.parametrize("rla,combine,normalize", [("subtract", "add", True), ("subtract", "joint", True),
                                                    ("none", "add", True), ("subtract", "add", False)])
-def test_spla_decode_step_triton_equals_reference(rla, combine, normalize):
-    """The whole one-token step (selection, sparse part, selected-linear, state, combine) on both paths."""
+@pytest.mark.parametrize("pos", [[[40], [17]], [[40], [9]]], ids=["partial", "all-selected"])
+def test_spla_decode_step_triton_equals_reference(monkeypatch, rla, combine, normalize, pos):
+    """The whole one-token step (selection, sparse part, selected-linear, state, combine) on both paths; the
+    Triton one finishes the residual in the sparse kernel's combine (a row of 3 blocks, all selected, has an
+    empty residual)."""
+    fused = []
+    kernel = K.decode_sparse_with_selected_linear
+    monkeypatch.setattr(K, "decode_sparse_with_selected_linear",
+                        lambda *a, **kw: fused.append(kw.get("state") is not None) or kernel(*a, **kw))
     g = torch.Generator().manual_seed(2)
     M, Hq, F = 48, 2 * HKV, D
     k, v = _cache(g, M, torch.float32)
     q = torch.randn(B, 1, Hq, D, generator=g)
-    positions = torch.tensor([[40], [17]])
+    positions = torch.tensor(pos)
     mean, second = _stats(g, M // BS, "diag")
     state = torch.rand(B, HKV, F, D + 1, generator=g) * 5
     sel = Selection(block_size=BS, topk=3)
@@ -140,6 +213,7 @@ def test_spla_decode_step_triton_equals_reference(rla, combine, normalize):
     ref = ops.spla_decode(q, k, v, positions, sel, impl="reference", **kw)
     got = ops.spla_decode(q, k, v, positions, sel, impl="triton", **kw)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert fused == [rla == "subtract"]
 
 
 @torch.no_grad()
