@@ -12,26 +12,20 @@ Writes results.json, results.md and accuracy.png to output_dir; see conf/eval.ya
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from spla_lit.config import ConfigError
 from spla_lit.eval.runner import evaluate
-from spla_lit.training.run import discard_rejected_run
+from spla_lit.training.run import exit_on_config_error
 
 log = logging.getLogger("eval")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_config_error(cfg, log):
         results = evaluate(cfg)
-    except ConfigError as e:  # a bad value or checkpoint: one line naming the key, nothing left behind
-        log.error("invalid config: %s", e)
-        discard_rejected_run(cfg.paths.output_dir, cfg.paths.log_dir)
-        sys.exit(2)
     # the value a Hydra sweeper would optimise: RULER's score averaged over lengths
     return results["ruler"]["overall"]
 

@@ -10,24 +10,20 @@ Prints each continuation and the tokens/s, writes generation.json to output_dir;
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from spla_lit.config import ConfigError
 from spla_lit.inference.cli import run
+from spla_lit.training.run import exit_on_config_error
 
 log = logging.getLogger("generate")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_config_error(cfg, log):
         run(cfg)
-    except ConfigError as e:
-        log.error("invalid config: %s", e)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

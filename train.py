@@ -18,9 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from spla_lit.config import ConfigError
 from spla_lit.training import NonFiniteLossError, TrainingInterrupted
-from spla_lit.training.run import discard_rejected_run, train
+from spla_lit.training.run import exit_on_config_error, train
 
 log = logging.getLogger("train")
 
@@ -28,11 +27,8 @@ log = logging.getLogger("train")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
-    except ConfigError as e:  # a bad value or checkpoint: one line naming the key, nothing left behind
-        log.error("invalid config: %s", e)
-        discard_rejected_run(cfg.paths.output_dir, cfg.paths.log_dir)
-        sys.exit(2)
+        with exit_on_config_error(cfg, log):
+            metrics = train(cfg)
     except NonFiniteLossError as e:
         log.error("%s", e)
         sys.exit(1)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import event_ms
 
 from spla_lit import ops
 from spla_lit.inference.step import DecodeStep, _mutable_state, _restore
@@ -75,12 +76,7 @@ class Timer:
         times = []
         for _ in range(iters):
             if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
+                times.append(event_ms(fn))
             else:
                 t = time.perf_counter()
                 fn()

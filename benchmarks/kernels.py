@@ -36,6 +36,7 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 import workload
+from timing import event_ms
 from workload import BS, HKV, HQ, SCALE, TOPK, B, D, G, chunked_select, log, make_inputs, real_selection
 
 from spla_kernels.config import SparseConfig
@@ -72,15 +73,8 @@ def bench(fn: Callable[[], object], slow: bool = False) -> tuple[float, float]:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if slow:
-        times = []
-        for _ in range(3):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        return sorted(times)[1], torch.cuda.max_memory_allocated() / 2**30
+        times = sorted(event_ms(fn) for _ in range(3))
+        return times[1], torch.cuda.max_memory_allocated() / 2**30
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30

@@ -7,9 +7,12 @@ object is built through :func:`spla_lit.safety.safe_instantiate`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +173,19 @@ def quiet_lightning() -> None:
 def _drop_lightning_tips(record: logging.LogRecord) -> bool:
     # An advertisement for a cloud service, printed by every Trainer (lightning >= 2.6).
     return not str(record.msg).startswith("💡 Tip:")
+
+
+@contextlib.contextmanager
+def exit_on_config_error(cfg: DictConfig, logger: logging.Logger) -> Iterator[None]:
+    """The body of an entry point (train.py, eval.py, generate.py): a :class:`ConfigError` (a bad value or
+    checkpoint) becomes one line naming the key and exit code 2, and the run folder Hydra made for the rejected
+    config is removed, so nothing is left behind."""
+    try:
+        yield
+    except ConfigError as e:
+        logger.error("invalid config: %s", e)
+        discard_rejected_run(cfg.paths.output_dir, cfg.paths.log_dir)
+        sys.exit(2)
 
 
 def discard_rejected_run(output_dir: str | Path, log_dir: str | Path) -> None:
