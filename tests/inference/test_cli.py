@@ -66,7 +66,8 @@ def test_generate_text_prompt_with_a_tokenizer(ckpt, tmp_path):
 @pytest.mark.slow
 def test_generate_cli(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "generate.py", f"ckpt_path={ckpt}", "prompt_ids=[1,2,3]",
-                           "max_new_tokens=4", "device=cpu", f"output_dir={tmp_path}"],
+                           "max_new_tokens=4", "device=cpu", f"output_dir={tmp_path}",
+                           f"paths.log_dir={tmp_path / 'logs'}"],  # Hydra's run folder too: nothing in the checkout
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continuation" in proc.stdout and "tokens/s" in proc.stdout
