@@ -232,7 +232,7 @@ def test_study_a_composes_all_eight_arms_with_the_same_data_model_and_budget():
     params = cfg.hydra.sweeper.params
     assert params["+variant"] == ",".join(ARMS) and params["seed"] == "1,2,3"
     assert shared["trainer"]["precision"] == "bf16-mixed" and shared["model"]["head_dim"] == 64
-    assert {k for k, v in shared["data"]["mixture"].items() if v} == {"niah_single", "mqar"}
+    assert {k for k, v in shared["data"]["mixture"].items() if v} == {"niah_single", "mqar", "copy"}
     kwargs = shared["data"]["task_kwargs"]
     assert kwargs["mqar"]["key_len"] == kwargs["niah_single"]["key_len"] == 1
     assert shared["data"]["val_mixture"] == {"niah_single": 0.5, "mqar": 0.5}
