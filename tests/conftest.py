@@ -18,6 +18,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist each worker gets its share of the cores (two workers on two cores: one thread each, not two
+# threads each fighting over both cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 # Warnings the suite would otherwise end with, each filtered for a reason (the others are fixed at their source).
 WARNING_FILTERS = [
