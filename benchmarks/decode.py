@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -446,12 +447,12 @@ def decode_knobs(c: dict, device, dtype, impl: str, timer: Timer) -> list[dict]:
     sel = Selection(block_size=c["block"], topk=c["topk"])
     ctx, B = c["contexts"][-1], c["batches"][-1]
     x = layer_cache(B, ctx, c, device, dtype)
-    default, rows = dict(vars(dk.CONFIG)), []
+    default, rows = dk.CONFIG, []
     grid = [dict(score_blocks=n, score_warps=w) for n in (32, 64, 128) for w in (4, 8)]
     grid += [dict(programs_per_sm=p) for p in (1, 4)] + [dict(attn_warps=8)]
     try:
         for knobs in grid:
-            vars(dk.CONFIG).update(default | knobs)
+            dk.CONFIG = replace(default, **knobs)  # the kernels read the module's CONFIG at each launch
             with torch.inference_mode():
                 r = dict(context=ctx, batch=B, **knobs)
                 r["select_ms"] = timer(graphed(lambda: ops.decode_select(
@@ -460,7 +461,7 @@ def decode_knobs(c: dict, device, dtype, impl: str, timer: Timer) -> list[dict]:
             log(f"knobs {knobs}: select {r['select_ms']:.4f} ms, step {r['spla_ms']:.4f} ms")
             rows.append(r)
     finally:
-        vars(dk.CONFIG).update(default)
+        dk.CONFIG = default
     return rows
 
 

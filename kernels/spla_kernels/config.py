@@ -161,6 +161,25 @@ class CombineConfig:
 # with fewer rows or stages where offline compilation (benchmarks/compile_tiles.py) found them overflowing.
 # Sources and the compiled sizes: docs/kernels.md, "Tile table".
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch choices of the decode kernels (``decode.py``; one set for every device: the kernels are bound by
+    fixed costs, not tiles). ``programs_per_sm``: splits are chosen so that about this many programs per SM run
+    (flash-decoding: at batch 1 there are only Hkv rows of work); ``score_blocks``: blocks per scoring step;
+    ``combine_splits``: attention splits the combine kernel reads at once."""
+
+    programs_per_sm: int = 2
+    score_blocks: int = 64
+    score_warps: int = 4
+    attn_warps: int = 4
+    attn_stages: int = 2
+    combine_splits: int = 16
+    combine_warps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_fields(self, pow2=("score_blocks", "combine_splits"))  # both are tile sizes (tl.arange)
+
+
 def _with_default(table: dict) -> dict:
     """``table`` plus the ``default`` class (unknown GPUs): the entries of the class with the least shared
     memory, sm89."""

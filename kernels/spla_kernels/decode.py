@@ -24,7 +24,6 @@ no allocation that depends on the data: the step can be captured in a CUDA graph
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -35,6 +34,7 @@ from spla_lit.options import Selection
 
 from ._select_kernels import _sortable
 from ._utils import interpreting
+from .config import DecodeConfig
 
 __all__ = ["CONFIG", "DecodeConfig", "decode_append", "decode_select_blocks", "decode_sparse_with_selected_linear"]
 
@@ -42,21 +42,6 @@ _LOG2E = 1.4426950408889634
 _FEATURE_MAPS = {"identity": 0, "elu1": 1, "relu": 2, "softmax": 3}
 _REDUCE = {"lse": 0, "max": 1, "mean": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class DecodeConfig:
-    """Launch choices. ``programs_per_sm``: splits are chosen so that about this many programs per SM run
-    (flash-decoding: at batch 1 there are only Hkv rows of work); ``score_blocks``: blocks per scoring step;
-    ``combine_splits``: attention splits the combine kernel reads at once."""
-
-    programs_per_sm: int = 2
-    score_blocks: int = 64
-    score_warps: int = 4
-    attn_warps: int = 4
-    attn_stages: int = 2
-    combine_splits: int = 16
-    combine_warps: int = 4
 
 
 CONFIG = DecodeConfig()

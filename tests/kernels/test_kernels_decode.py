@@ -8,6 +8,7 @@ and past each row's length are NaN too (the kernels must not read them); splits 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
@@ -44,7 +45,8 @@ def _stats(g, nK, covariance, rank=3):
                                                       ("taylor1", "diag", "mean"), ("taylor2", "diag", "max")])
 @pytest.mark.parametrize("sink,local", [(0, 1), (1, 2)])
 def test_select_matches_reference(monkeypatch, scorer, covariance, reduce, sink, local):
-    monkeypatch.setattr(K.CONFIG, "score_blocks", 16)  # several steps and splits over the 40 blocks
+    # several steps and splits over the 40 blocks
+    monkeypatch.setattr(K, "CONFIG", replace(K.CONFIG, score_blocks=16))
     g = torch.Generator().manual_seed(0)
     nK = 40
     mean, second = _stats(g, nK, covariance if scorer == "taylor2" else None)
@@ -66,8 +68,8 @@ def test_select_half_precision_statistics_match_the_exact_reference(monkeypatch,
     """Half-precision q and statistics take the tensor-core products (bfloat16 with q^2 split in two parts,
     tf32x3 for float16): the selection equals the float64 reference of the same values, over many blocks in
     several tiles per split and several splits."""
-    monkeypatch.setattr(K.CONFIG, "score_blocks", 16)
-    monkeypatch.setattr(K.CONFIG, "programs_per_sm", 1)  # 4 "SMs" / 4 rows: one split; 2 rows: two
+    # blocks scored 16 per step; 4 "SMs" / 4 rows: one split, 2 rows: two
+    monkeypatch.setattr(K, "CONFIG", replace(K.CONFIG, score_blocks=16, programs_per_sm=1))
     g = torch.Generator().manual_seed(5)
     nK = 150
     mean, second = _stats(g, nK, covariance if scorer == "taylor2" else None)
@@ -99,7 +101,7 @@ def _rows(x, n):
 def test_select_ties_keep_the_lower_block_index(monkeypatch, dtype):
     """Blocks with equal statistics score exactly equal: the lower block index wins, in a tile, across the tiles
     of a split and across splits (the kernel's rule; torch.topk of the reference breaks ties its own way)."""
-    monkeypatch.setattr(K.CONFIG, "score_blocks", 16)
+    monkeypatch.setattr(K, "CONFIG", replace(K.CONFIG, score_blocks=16))
     g = torch.Generator().manual_seed(6)
     nK = 100
     mean, var = _stats(g, nK, "diag")
@@ -158,8 +160,8 @@ def _poison_unselected(k, v, block_idx, positions):
                                                     ("identity", False), (None, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_step_matches_reference_and_reads_only_selected_blocks(monkeypatch, feature_map, normalizer, dtype):
-    monkeypatch.setattr(K.CONFIG, "programs_per_sm", 3)  # 3 splits of the 6 selected blocks
-    monkeypatch.setattr(K.CONFIG, "combine_splits", 2)  # the combine reads them in two rounds
+    # 3 splits of the 6 selected blocks, which the combine reads in two rounds
+    monkeypatch.setattr(K, "CONFIG", replace(K.CONFIG, programs_per_sm=3, combine_splits=2))
     g = torch.Generator().manual_seed(1)
     M, Hq = 64, 4 * HKV
     k, v = _cache(g, M, dtype)
