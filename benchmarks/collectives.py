@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from timing import event_ms
 
 
 def timed(fn, iters: int) -> float:
@@ -24,12 +25,7 @@ def timed(fn, iters: int) -> float:
         fn()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(event_ms(fn) / 1e3)
     return statistics.median(times)
 
 

@@ -118,12 +118,7 @@ def breakdown(fn: Callable[[], object], label: str) -> None:
     try:
         with profile(activities=acts) as prof:
             if DEV == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                total = start.elapsed_time(end)
+                total = event_ms(fn)
             else:
                 t0 = time.perf_counter()
                 fn()
