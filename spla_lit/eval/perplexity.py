@@ -54,13 +54,14 @@ class PositionBucketLoss(Metric):
         self.count.index_add_(0, bucket, w.sum(0))
 
     def compute(self) -> torch.Tensor:
+        # [num_buckets] even for one bucket (torchmetrics squeezes a one-element result to a scalar)
         return torch.where(self.count > 0, self.loss_sum / self.count.clamp_min(1), float("nan"))
 
     def perplexity(self) -> torch.Tensor:
-        return torch.exp(self.compute())
+        return torch.exp(self.compute().reshape(-1))
 
     def table(self) -> list[dict[str, float]]:
         """One dict per bucket: ``start``, ``end`` (exclusive), ``tokens``, ``loss``, ``ppl``."""
-        loss = self.compute().tolist()
+        loss = self.compute().reshape(-1).tolist()
         return [{"start": s, "end": e, "tokens": int(n), "loss": lo, "ppl": math.exp(lo) if lo == lo else lo}
                 for (s, e), n, lo in zip(self.edges, self.count.tolist(), loss)]

@@ -205,6 +205,14 @@ def test_position_buckets_known_case():
     assert uniform.perplexity().tolist() == pytest.approx([V, V])
 
 
+def test_position_buckets_one_bucket():
+    # one bucket: still a list of one (torchmetrics squeezes one-element results; table() once failed on it)
+    metric = PositionBucketLoss(seq_len=4, num_buckets=1)
+    metric.update(torch.tensor([[1.0, 2.0, 3.0, 6.0]]))
+    assert metric.table() == [{"start": 0, "end": 4, "tokens": 4, "loss": 3.0, "ppl": pytest.approx(math.exp(3.0))}]
+    assert metric.perplexity().shape == (1,)
+
+
 # ----------------------------------------------------------------------------------------------- sweeps
 
 
