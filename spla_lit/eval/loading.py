@@ -5,6 +5,9 @@ and the LightningModule's weights under ``state_dict`` (``net.*``). :func:`load_
 ``cfg.model`` and loads the weights strictly. Model-side overrides (``override.sparse.topk=8`` on the
 ``eval.py`` command line) edit the stored config before the rebuild; they only touch weight-free knobs
 (the scorer, the selection geometry, the residual's mode), so the trained weights still fit.
+``override.model.attention=spla`` evaluates a dense checkpoint as block-sparse attention (SPLA without a
+residual: the dense model has no residual weights) with the run's ``sparse`` / ``scorer`` groups, which the
+other overrides may change: the same weights, read through each scorer's selection.
 
 The file is read by :func:`spla_lit.training.checkpoint_io.read_checkpoint` (``weights_only``, checksums,
 finite weights, the stored config's targets checked against the allowlist) and the model is built by
@@ -31,6 +34,7 @@ from ..training.checkpoint_io import read_checkpoint
 # Keys that ``override.<section>.<key>`` may set, per section. rla.mode also takes ``none``: drop the
 # residual at evaluation (its gate weights are then unused).
 OVERRIDABLE: dict[str, tuple[str, ...]] = {
+    "model": ("attention",),
     "sparse": ("mode", "block_size", "topk", "query_block", "local_blocks", "sink_blocks"),
     "scorer": ("method", "covariance", "rank", "head_reduce"),
     "rla": ("mode",),
@@ -105,6 +109,8 @@ def apply_overrides(cfg: DictConfig, override: Mapping | None) -> tuple[DictConf
     cfg = copy.deepcopy(cfg)
     if not flat:
         return cfg, flat
+    if "model.attention" in flat:
+        _dense_to_block_sparse(cfg, flat["model.attention"])
     if not uses_spla(cfg):
         kind = attention_kind(cfg)
         raise ConfigError(f"override.{next(iter(flat))}: the checkpoint's model uses {kind or 'no known attention'}; "
@@ -113,6 +119,8 @@ def apply_overrides(cfg: DictConfig, override: Mapping | None) -> tuple[DictConf
     with open_dict(cfg):
         for key, value in flat.items():
             section, name = key.split(".")
+            if section == "model":
+                continue
             if section == "rla":
                 if attention.rla is None:
                     raise ConfigError(f"override.{key}: the checkpoint's model has no residual (trained with rla=none)")
@@ -129,6 +137,29 @@ def apply_overrides(cfg: DictConfig, override: Mapping | None) -> tuple[DictConf
         key = message.split(":", 1)[0]
         raise ConfigError(f"override.{message}" if key in flat else message) from None
     return cfg, flat
+
+
+def _dense_to_block_sparse(cfg: DictConfig, value: Any) -> None:
+    """``override.model.attention=spla``: the dense checkpoint's attention becomes SPLA without a residual, with the
+    run's top-level ``sparse`` / ``scorer`` groups (the same projections, so the same weights load), in place."""
+    if value != "spla":
+        raise ConfigError(f"override.model.attention: only 'spla' (a dense checkpoint read as block-sparse attention), "
+                          f"got {value!r}")
+    kind = attention_kind(cfg)
+    if kind != "DenseAttention":
+        raise ConfigError(f"override.model.attention: only a dense checkpoint can be switched to SPLA; this one uses "
+                          f"{kind or 'no known attention'}")
+    for group in ("sparse", "scorer"):
+        if not isinstance(cfg.get(group), DictConfig):
+            raise ConfigError(f"override.model.attention: the checkpoint's config has no '{group}' group to select "
+                              "with")
+    dense = cfg.model.attention
+    with open_dict(cfg):
+        cfg.model.attention = OmegaConf.create({
+            "_target_": "spla_lit.layers.SPLAAttention", "_partial_": True, "qk_norm": dense.get("qk_norm", False),
+            "qkv_bias": dense.get("qkv_bias", False), "scorer": copy.deepcopy(cfg.scorer),
+            "sparse": copy.deepcopy(cfg.sparse), "rla": None, "impl": cfg.get("impl", "auto")})
+        cfg.rla = None
 
 
 def _without_trainer(cfg: DictConfig) -> DictConfig:
@@ -177,6 +208,8 @@ def load_model(ckpt_path: str | Path, override: Mapping | None = None, impl: str
     if flat.get("rla.mode") == "none":
         state = {k: v for k, v in state.items() if ".attn.rla." not in k}
     missing, unexpected = net.load_state_dict(state, strict=False)
+    if "model.attention" in flat:  # a switched dense model: the scorers' call counters start at zero
+        missing = [k for k in missing if not k.endswith(".attn.scorer.calls")]
     if missing or unexpected:
         raise ConfigError(f"ckpt_path: the weights do not fit the rebuilt model (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")

@@ -83,6 +83,28 @@ def test_eval_override_changes_selection_not_weights(spla_ckpt):
     torch.testing.assert_close(other.net.layers[1].attn.wq.weight, base.net.layers[1].attn.wq.weight)
 
 
+def test_dense_checkpoint_read_as_block_sparse(tmp_path):
+    # override.model.attention=spla: the dense weights through SPLA's selection (no residual). With every block
+    # selected it is the dense model exactly; with a few blocks it is a different function of the same weights.
+    train(make_cfg(["model=dense", "trainer.max_steps=2", "trainer.val_check_interval=2"], tmp_path))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    dense = load_model(ckpt).net
+    every = load_model(ckpt, {"model": {"attention": "spla"}, "sparse": {"topk": 8}, "scorer": {"method": "oracle"}})
+    few = load_model(ckpt, {"model": {"attention": "spla"}, "scorer": {"method": "taylor1"}})
+    assert every.overrides["model.attention"] == "spla"
+    attn = few.net.layers[0].attn
+    assert type(attn).__name__ == "SPLAAttention" and attn.rla is None and attn.scorer.method == "taylor1"
+    assert attn.sparse.topk == 3  # the run's sparse group (TINY)
+    torch.testing.assert_close(few.net.layers[1].attn.wk.weight, dense.layers[1].attn.wk.weight)
+    ids = torch.randint(0, 128, (2, 128), generator=torch.Generator().manual_seed(0))  # 8 blocks of 16
+    with torch.no_grad():
+        ref = dense(ids)
+        torch.testing.assert_close(every.net(ids), ref, rtol=1e-4, atol=1e-4)
+        assert (few.net(ids) - ref).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match=r"^override\.model\.attention: only 'spla'"):
+        load_model(ckpt, {"model": {"attention": "linear"}})
+
+
 def test_bad_eval_overrides_name_the_key(spla_ckpt, tmp_path):
     with pytest.raises(ConfigCompositionException, match=r"override\.sparse\.foo"):
         eval_config([f"ckpt_path={spla_ckpt}", "override.sparse.foo=1"])
@@ -95,6 +117,8 @@ def test_bad_eval_overrides_name_the_key(spla_ckpt, tmp_path):
         apply_overrides(cfg, {"scorer": {"method": "foo"}})
     with pytest.raises(ConfigError, match=r"^override\.sparse\.topk: the checkpoint's model uses DenseAttention"):
         apply_overrides(make_cfg(["model=dense"]), {"sparse": {"topk": 8}})
+    with pytest.raises(ConfigError, match=r"^override\.model\.attention: only a dense checkpoint"):
+        apply_overrides(cfg, {"model": {"attention": "spla"}})
     with pytest.raises(ConfigError, match=r"^tasks: unknown task 'foo'"):
         evaluate(eval_config([f"ckpt_path={spla_ckpt}", f"output_dir={tmp_path}", "tasks=[foo]"]))
     with pytest.raises(ConfigError, match=r"^ckpt_path: no checkpoint"):
