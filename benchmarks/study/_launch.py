@@ -230,6 +230,25 @@ def pack(members: Sequence[tuple[Path, str]], archive: Path) -> Path:
     return archive
 
 
+def split_file(path: Path, part_bytes: int) -> list[Path]:
+    """Cut ``path`` into ``<path>.00``, ``<path>.01``, ... of at most ``part_bytes`` bytes each (a transfer's per-file
+    limit; ``cat <path>.* > <path>`` joins them) and remove it; a file that fits stays whole: ``[path]``."""
+    if part_bytes < 1:
+        raise ValueError(f"part_bytes: must be >= 1, got {part_bytes}")
+    if path.stat().st_size <= part_bytes:
+        return [path]
+    parts = []
+    with open(path, "rb") as f:
+        while chunk := f.read(part_bytes):
+            part = path.with_name(f"{path.name}.{len(parts):02d}")
+            tmp = part.with_name(f".{part.name}.tmp")
+            tmp.write_bytes(chunk)
+            os.replace(tmp, part)
+            parts.append(part)
+    path.unlink()
+    return parts
+
+
 def clip_log(path: Path, max_lines: int = 400) -> Path:
     """A copy of a job log clipped to its first and last lines (what goes into the archive)."""
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
@@ -260,13 +279,26 @@ def default_impl(impl: str | None, device: str) -> str:
     return impl or ("auto" if device == "cuda" else "reference")
 
 
-def eval_job(job: Job, device: str, impl: str, overrides: Sequence[str]) -> Job:
-    """``eval.py`` on a training job's last checkpoint, on the same GPU with the same thread caps; results in
-    ``<run>/eval/``, output in ``<run>/eval.out``."""
+def eval_job(job: Job, device: str, impl: str, overrides: Sequence[str], name: str = "eval",
+             ckpt: Path | None = None) -> Job:
+    """``eval.py`` on a training job's checkpoint (``ckpt``, default its last), on the same GPU with the same thread
+    caps; results in ``<run>/<name>/``, output in ``<run>/<name>.out``. The job is named as the training job, plus
+    ``.<name>`` for another ``name`` than ``eval`` (a second evaluation of the same run)."""
     run = job.log.parent
-    argv = [sys.executable, "eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"output_dir={run / 'eval'}",
-            f"hydra.run.dir={run / 'eval'}", f"device={device}", f"impl={impl}", *overrides]
-    return Job(job.name, argv, run / "eval.out", dict(job.env), job.gpu)
+    ckpt = ckpt or run / "checkpoints" / "last.ckpt"
+    argv = [sys.executable, "eval.py", f"ckpt_path={ckpt}", f"output_dir={run / name}",
+            f"hydra.run.dir={run / name}", f"device={device}", f"impl={impl}", *overrides]
+    return Job(job.name if name == "eval" else f"{job.name}.{name}", argv, run / f"{name}.out", dict(job.env), job.gpu)
+
+
+def start(args: Any, name: str) -> tuple[Log, Path, list[str], str]:
+    """A launcher's start: ``args.out`` created with its ``launcher.log``, the runs' folder
+    ``<args.workdir>/<name>_<date>_<time>``, the GPUs (:func:`visible_gpus`) and the attention ops
+    (:func:`default_impl`) of ``args.device`` / ``args.gpus`` / ``args.impl``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "launcher.log")
+    run_root = (args.workdir / f"{name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+    return log, run_root, visible_gpus(args.device, args.gpus), default_impl(args.impl, args.device)
 
 
 def has_checkpoint(job: Job) -> bool:
@@ -292,12 +324,15 @@ def write_commands(path: Path, train: Sequence[Job], evals: Sequence[Job]) -> No
                + "\n# evaluation\n" + "\n".join(map(command_line, evals)) + "\n", path)
 
 
-def records_and_archive(runs: Sequence[tuple[Job, str, int]], trained: Mapping[str, Outcome],
+def records_and_archive(runs: Sequence[tuple[Job, str, int | None]], trained: Mapping[str, Outcome],
                         evaluated: Mapping[str, Outcome], archive: Path, log: Callable[[str], None],
-                        extra: Mapping[str, Mapping[str, Any]] | None = None, **launcher: Any) -> list[dict]:
+                        extra: Mapping[str, Mapping[str, Any]] | None = None, extra_evals: Sequence[str] = (),
+                        **launcher: Any) -> list[dict]:
     """One record per ``(job, arm, seed)`` (``spla_lit.eval.study.run_record`` + ``extra[job.name]`` + how the
     launcher ran it), written to ``<run>/run.json`` and packed with the clipped job logs into ``archive``.
-    A run whose record cannot be built gets a stub saying why; nothing here raises for one run."""
+    ``extra_evals``: names of further evaluations of every run (:func:`eval_job`'s ``name``), in the record under
+    that name, their outcomes in ``evaluated`` under ``<job>.<name>``. A run whose record cannot be built gets a
+    stub saying why; nothing here raises for one run."""
     from spla_lit.eval.report import write_json
     from spla_lit.eval.study import run_record
 
@@ -305,7 +340,7 @@ def records_and_archive(runs: Sequence[tuple[Job, str, int]], trained: Mapping[s
     for job, arm, seed in runs:
         run = job.log.parent
         try:
-            record = run_record(run, arm=arm, seed=seed)
+            record = run_record(run, arm=arm, seed=seed, extra_evals=extra_evals)
         except Exception as e:  # a broken run must not lose the others
             log(f"record of {job.name} failed: {type(e).__name__}: {e}")
             record = {"job": job.name, "arm": arm, "seed": seed, "train": {"status": f"record failed: {e}"},
@@ -313,10 +348,14 @@ def records_and_archive(runs: Sequence[tuple[Job, str, int]], trained: Mapping[s
         record.update((extra or {}).get(job.name, {}))
         record["launcher"] = {"gpu": job.gpu, "train": vars(trained[job.name]),
                               "eval": vars(evaluated[job.name]) if job.name in evaluated else None, **launcher}
+        for name in extra_evals:
+            outcome = evaluated.get(f"{job.name}.{name}")
+            record["launcher"][name] = vars(outcome) if outcome else None
         records.append(record)
         write_json(record, run / "run.json")
-        members += [(run / "run.json", f"runs/{job.name}.json"), (clip_log(job.log), f"logs/{job.name}.train.log"),
-                    (clip_log(run / "eval.out"), f"logs/{job.name}.eval.log")]
+        members += [(run / "run.json", f"runs/{job.name}.json"), (clip_log(job.log), f"logs/{job.name}.train.log")]
+        members += [(clip_log(run / f"{name}.out"), f"logs/{job.name}.{name}.log") for name in ("eval", *extra_evals)
+                    if (run / f"{name}.out").is_file()]
     pack(members, archive)
     log(f"wrote {archive} ({len(records)} records)")
     return records

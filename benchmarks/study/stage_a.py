@@ -22,25 +22,22 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from _launch import (
     CPU_TRAIN,
     TINY_TRAIN,
     Job,
-    Log,
     assign_gpus,
-    default_impl,
     eval_job,
     has_checkpoint,
     log_setup,
     max_time,
     records_and_archive,
     run_jobs,
+    start,
     thread_env,
     train_length,
-    visible_gpus,
     write_commands,
 )
 
@@ -106,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from spla_lit.eval.study import collect_study
 
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = Log(args.out / "launcher.log")
-    run_root = (args.workdir / f"study_a_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
-    gpus = visible_gpus(args.device, args.gpus)
-    impl = default_impl(args.impl, args.device)
+    log, run_root, gpus, impl = start(args, "study_a")
     threads = max(1, (os.cpu_count() or 1) // (len(args.arms) * len(args.seeds)))
     runs = train_jobs(args, run_root, threads, impl)
     jobs = [j for j, _, _ in runs]

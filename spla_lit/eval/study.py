@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ARM_ORDER = ("dense", "taylor2", "taylor1", "random", "no_rla", "joint", "window", "linear")
 ARM_TITLES = {"dense": "dense", "taylor2": "SPLA taylor2", "taylor1": "SPLA taylor1", "random": "SPLA random",
               "no_rla": "taylor2, no residual", "joint": "SPLA taylor2, combine=joint",
-              "window": "window + linear", "linear": "linear"}
+              "window": "window + linear", "linear": "linear", "base": "base (dense, before CPT)"}
 # Knobs copied from the job's config into its record (dotted keys of the run config).
 CONFIG_KEYS = ("seed", "impl", "data.seq_len", "data.batch_size", "data.vocab_size", "data.mixture",
                "data.val_mixture", "data.task_kwargs", "model.d_model", "model.n_layers", "model.n_heads",
@@ -185,16 +185,23 @@ def _train_summary(scalars: Mapping[str, list[tuple[int, float, float]]], config
             "final": final, "val_history": [{"step": s, **history[s]} for s in sorted(history)]}
 
 
-def run_record(job_dir: str | Path, arm: str | None = None, seed: int | None = None) -> dict[str, Any]:
+def _results(job_dir: Path, name: str) -> dict[str, Any] | None:
+    path = job_dir / name / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_record(job_dir: str | Path, arm: str | None = None, seed: int | None = None,
+               extra_evals: Sequence[str] = ()) -> dict[str, Any]:
     """The record of one training job (see the module doc): JSON-able, self-contained.
 
-    ``arm`` defaults to the job's ``+variant=`` override and ``seed`` to its config's ``seed``.
+    ``arm`` defaults to the job's ``+variant=`` override and ``seed`` to its config's ``seed``. ``extra_evals``:
+    further ``eval.py`` outputs of the job, ``<job>/<name>/results.json``, kept under ``record[name]`` (None when
+    missing), e.g. stage B's ``eval_short`` (perplexity at the pretraining length).
     """
     job_dir = Path(job_dir)
     overrides = _overrides(job_dir)
     config = job_config(job_dir)
-    results_path = job_dir / "eval" / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    results = _results(job_dir, "eval")
     arm = arm or _override_value(overrides, "variant") or (results or {}).get("model", {}).get("label") or job_dir.name
     seed = seed if seed is not None else config.get("seed")
     global_step = (results or {}).get("model", {}).get("global_step")
@@ -204,7 +211,8 @@ def run_record(job_dir: str | Path, arm: str | None = None, seed: int | None = N
 
         global_step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
     return {"job": job_dir.name, "arm": arm, "seed": seed, "overrides": overrides, "config": config,
-            "train": _train_summary(read_scalars(job_dir), config, global_step), "eval": results}
+            "train": _train_summary(read_scalars(job_dir), config, global_step), "eval": results,
+            **{name: _results(job_dir, name) for name in extra_evals}}
 
 
 def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -240,13 +248,36 @@ def _stat(values: Iterable[float | None]) -> dict[str, Any]:
     return asdict(t_interval(values))
 
 
+def _suite_stats(suites: Sequence[Mapping[str, Any]], lengths: Sequence[int], tasks: Sequence[str]) -> dict[str, Any]:
+    """``{"average": {length: stat}, "per_task": {length: {task: stat}}}`` over the runs' suite results."""
+    return {"average": {str(n): _stat(s["average"].get(str(n)) for s in suites) for n in lengths},
+            "per_task": {str(n): {t: _stat(s["per_task"].get(str(n), {}).get(t) for s in suites) for t in tasks}
+                         for n in lengths}}
+
+
+def val_curve(history: Sequence[Mapping[str, Any]], key: str = "val/loss") -> dict[str, Any] | None:
+    """Whether a validation curve (``train.val_history``) flattened: its best and final ``key``, and the drop over
+    its last quarter of validations, ``(value a quarter from the end - final) / that value`` (> 0: still falling,
+    < 0: rising again). None with fewer than 2 points."""
+    points = [(int(h["step"]), float(h[key])) for h in history if h.get(key) is not None]
+    if len(points) < 2:
+        return None
+    best_step, best = min(points, key=lambda p: p[1])
+    ref = points[max(0, len(points) - 1 - max(1, len(points) // 4))][1]
+    final = points[-1][1]
+    return {"key": key, "points": len(points), "best_step": best_step, "best": best, "final_step": points[-1][0],
+            "final": final, "last_quarter_drop": (ref - final) / ref if ref else None}
+
+
 def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per arm: mean and 95% t-interval over its runs (seeds) of every table's numbers.
 
     Returns ``{"lengths": [...], "tasks": [...], "arms": {arm: {"seeds", "runs", "average": {length: stat},
     "per_task": {length: {task: stat}}, "fidelity": {layer: {metric: stat}}, "fidelity_mean": {metric: stat},
     "perplexity": {"buckets": [{"start", "end", "ppl": stat, "loss": stat}], "length", "ppl": stat},
-    "train": {key: stat}}}}`` where a stat is ``{"mean", "half", "n"}`` (accuracies as fractions).
+    "train": {key: stat}}}}`` where a stat is ``{"mean", "half", "n"}`` (accuracies as fractions). With
+    ``decode=generate`` results an arm also has ``"generate": {"average", "per_task"}`` (exact match of the greedy
+    continuation), with ``eval_short`` results (stage B) ``"short_ppl": {"length", "ppl": stat, "loss": stat}``.
     """
     by_arm: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
@@ -260,9 +291,14 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ev = [r["eval"] for r in runs if r.get("eval")]
         out: dict[str, Any] = {"seeds": [r.get("seed") for r in runs], "runs": [r["job"] for r in runs],
                                "evaluated": len(ev)}
-        out["average"] = {str(n): _stat(e["ruler"]["average"].get(str(n)) for e in ev) for n in lengths}
-        out["per_task"] = {str(n): {t: _stat(e["ruler"]["per_task"].get(str(n), {}).get(t) for e in ev)
-                                    for t in tasks} for n in lengths}
+        out.update(_suite_stats([e["ruler"] for e in ev], lengths, tasks))
+        generated = [e["ruler_generate"] for e in ev if e.get("ruler_generate")]
+        if generated:  # decode=generate: exact match of the greedy continuation (stage B's headline)
+            out["generate"] = _suite_stats(generated, lengths, tasks)
+        short = [p for p in ((r.get("eval_short") or {}).get("perplexity") for r in runs) if p]
+        if short:  # stage B: perplexity at the pretraining length (the general-quality proxy)
+            out["short_ppl"] = {"length": short[0]["length"], "ppl": _stat(p["ppl"] for p in short),
+                                "loss": _stat(p["loss"] for p in short)}
         fids = [e["fidelity"] for e in ev if (e.get("fidelity") or {}).get("layers")]
         if fids:
             layers = sorted({int(k) for f in fids for k in f["layers"]})
@@ -281,7 +317,7 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         trains = [r["train"] for r in runs]
         out["train"] = {k: _stat(t.get(k) for t in trains)
                         for k in ("global_step", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_median")}
-        for k in ("val/loss", "val/exact_match", "val/acc/niah_single", "val/acc/mqar"):
+        for k in ("val/loss", "val/ppl", "val/exact_match", "val/acc/niah_single", "val/acc/mqar"):
             out["train"][k] = _stat((t.get("final") or {}).get(k) for t in trains)
         out["train"]["cut"] = sum(t.get("status") == "cut" for t in trains)
         out["train"]["failed"] = sum(t.get("status") not in ("ok", "cut") for t in trains) + len(runs) - len(ev)
@@ -336,6 +372,24 @@ def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, An
         out += [f"### {task} (%)", "",
                 table(["arm"] + heads, [[names[a]] + [fmt_stat(v["per_task"][str(n)].get(task), 100) for n in lengths]
                                         for a, v in arms.items()]), ""]
+    gen_arms = {a: v["generate"] for a, v in arms.items() if "generate" in v}
+    if gen_arms:
+        out += ["## Exact match by greedy generation (%), mean over tasks", "",
+                "The answer decoded greedily from the prompt with the KV cache (eval.py decode=generate); the tables "
+                "above score the same samples teacher-forced.", "",
+                table(["arm"] + heads, [[names[a]] + [fmt_stat(g["average"].get(str(n)), 100) for n in lengths]
+                                        for a, g in gen_arms.items()]), ""]
+        for task in tasks:
+            out += [f"### {task}, generated (%)", "",
+                    table(["arm"] + heads, [[names[a]] + [fmt_stat(g["per_task"][str(n)].get(task), 100)
+                                                          for n in lengths] for a, g in gen_arms.items()]), ""]
+    short_arms = {a: v["short_ppl"] for a, v in arms.items() if "short_ppl" in v}
+    if short_arms:
+        length = next(iter(short_arms.values()))["length"]
+        out += [f"## Perplexity at the pretraining length ({length} tokens of held-out text)", "",
+                "The general-quality proxy: what continual pretraining at the long context cost at the short one.", "",
+                table(["arm", "ppl", "loss"], [[names[a], fmt_stat(v["ppl"], 1, 2), fmt_stat(v["loss"], 1, 3)]
+                                               for a, v in short_arms.items()]), ""]
     fid_arms = {a: v for a, v in arms.items() if "fidelity" in v}
     if fid_arms:
         fid = next(iter(fid_arms.values()))
@@ -370,6 +424,22 @@ def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, An
                     fmt_stat(v["train"]["wall_s"], 1, 0), fmt_stat(v["train"]["val/loss"], 1, 3),
                     fmt_stat(v["train"]["val/exact_match"], 100), f"{v['train']['cut']} / {v['train']['failed']}"]
                    for a, v in arms.items()]), ""]
+    for r in records:
+        curve = val_curve(r["train"].get("val_history") or []) if r.get("role") == "base" else None
+        if curve is None:
+            continue
+        hist = [h for h in r["train"]["val_history"] if h.get("val/loss") is not None]
+        shown = hist[::max(1, -(-len(hist) // 16))]  # at most 16 rows, and the last
+        shown += [] if shown[-1] is hist[-1] else [hist[-1]]
+        drop = curve["last_quarter_drop"]
+        out += [f"## Base model `{r['job']}`: pretraining validation curve", "",
+                f"Best val/loss {curve['best']:.4f} at step {curve['best_step']}, final {curve['final']:.4f} at step "
+                f"{curve['final_step']}; over the last quarter of its {curve['points']} validations the loss "
+                + ("-" if drop is None else f"fell {100 * drop:.2f}%" if drop >= 0 else f"rose {-100 * drop:.2f}%")
+                + (f"; exported: step {r['exported_step']}" if r.get("exported_step") is not None else "") + ".", "",
+                table(["step", "val/loss", "val/ppl"],
+                      [[h["step"], f"{h['val/loss']:.4f}", f"{h['val/ppl']:.2f}" if h.get("val/ppl") else "-"]
+                       for h in shown]), ""]
     out += ["## Runs", "",
             table(["job", "arm", "seed", "status", "steps", "eval"],
                   [[f"`{r['job']}`", r["arm"], r.get("seed"), r["train"].get("status"), r["train"].get("global_step"),
@@ -425,4 +495,4 @@ def collect_study(records: Sequence[Mapping[str, Any]], out_dir: str | Path, nam
 
 
 __all__ = ["Interval", "aggregate", "collect_study", "eval_settings", "load_records", "plot_study", "run_record",
-           "study_markdown", "t_interval", "t_quantile"]
+           "study_markdown", "t_interval", "t_quantile", "val_curve"]
