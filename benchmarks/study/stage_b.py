@@ -66,7 +66,7 @@ TINY = {"short_len": 256, "cpt_len": 1024, "vocab_size": 1024, "d_model": 32, "l
         "pretrain_steps": 12, "pretrain_batch": 4, "cpt_steps": 4, "cpt_batch": 2, "val_every": 4, "block_size": 32,
         "topk": 4, "eval_lengths": [1024, 2048], "tasks": ["niah_single", "variable_tracking"], "num_samples": 2,
         "ppl_samples": 2, "short_ppl_samples": 4, "fidelity_samples": 1, "freeze_steps": 1, "warmup_steps": 1,
-        "probe_steps": 3, "probe_eval_samples": 1}
+        "probe_steps": 24, "probe_eval_samples": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -151,7 +151,26 @@ def job_config(job_dir: Path) -> dict[str, Any]:
             out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         except Exception as e:  # an interpolation that only resolves inside a Hydra run
             log.debug("%s: %s not resolved (%s)", job_dir, key, e)
+    out.update(_init_from_sizes(OmegaConf.select(cfg, "init_from", default=None)))
     return {k: v for k, v in out.items() if v is not None}
+
+
+# config.json key -> model.* key: a run started from a Hugging Face folder takes its sizes from there, not from the
+# (default) model.* values its Hydra config still shows
+_HF_SIZES = (("hidden_size", "model.d_model"), ("num_hidden_layers", "model.n_layers"),
+             ("num_attention_heads", "model.n_heads"), ("num_key_value_heads", "model.n_kv_heads"))
+
+
+def _init_from_sizes(init_from: str | None) -> dict[str, Any]:
+    """The model sizes of an ``init_from`` folder's ``config.json`` (empty when there is none or it is gone)."""
+    if not init_from:
+        return {}
+    path = Path(str(init_from)) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"init_from": str(init_from), **{key: hf[name] for name, key in _HF_SIZES if name in hf}}
 
 
 def _train_summary(scalars: Mapping[str, list[tuple[int, float, float]]], config: Mapping[str, Any],
