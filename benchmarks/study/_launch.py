@@ -95,6 +95,16 @@ def thread_env(threads: int) -> dict[str, str]:
     return {k: n for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")}
 
 
+def add_device_args(parser: Any, gpus_help: str = "the runs are spread over") -> None:
+    """``--device`` (cuda | cpu), ``--gpus`` (CUDA_VISIBLE_DEVICES ids, :func:`visible_gpus`) and ``--impl`` (the
+    attention ops, :func:`default_impl`) on an argparse parser or argument group."""
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--gpus", default=None,
+                        help=f"CUDA_VISIBLE_DEVICES ids {gpus_help}, e.g. 0,1 (default: the incoming "
+                             "CUDA_VISIBLE_DEVICES, else all)")
+    parser.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
+
+
 def visible_gpus(device: str, gpus: str | None = None, environ: Mapping[str, str] | None = None,
                  device_count: Callable[[], int] | None = None) -> list[str]:
     """The GPUs the jobs may use, as ``CUDA_VISIBLE_DEVICES`` entries of the launcher's environment ([] for ``cpu``).

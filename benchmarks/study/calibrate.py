@@ -34,6 +34,7 @@ from _launch import (
     TINY_TRAIN,
     Job,
     Log,
+    add_device_args,
     assign_gpus,
     default_impl,
     eval_job,
@@ -100,11 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-a-train-s", type=float, default=420, help="stage A's --train-s, for the step suggestion")
     p.add_argument("--stage-a-startup-s", type=float, default=60, help="stage A's --startup-s")
     p.add_argument("--stage-a-jobs-per-gpu", type=int, default=12, help="24 runs on 2 GPUs: 12")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--gpus", default=None,
-                   help="CUDA_VISIBLE_DEVICES ids, e.g. 1 (default: the incoming CUDA_VISIBLE_DEVICES, else all); "
-                        "the calibration uses the first one only")
-    p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
+    add_device_args(p, "(the calibration uses the first one only)")
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/spla_study"), help="where run directories go")
     return p.parse_args(argv)

@@ -28,6 +28,7 @@ from _launch import (
     CPU_TRAIN,
     TINY_TRAIN,
     Job,
+    add_device_args,
     assign_gpus,
     eval_job,
     has_checkpoint,
@@ -63,11 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=100, help="eval samples per task and length")
     p.add_argument("--ppl-x", type=int, default=PPL_X, help="perplexity-by-position length, x training length")
     p.add_argument("--fidelity-samples", type=int, default=8)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--gpus", default=None,
-                   help="CUDA_VISIBLE_DEVICES ids the runs are spread over, e.g. 0,1 (default: the incoming "
-                        "CUDA_VISIBLE_DEVICES, else all)")
-    p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
+    add_device_args(p)
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run")
     p.add_argument("--max-parallel", type=int, default=None, help="jobs at once (default: all)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/spla_study"), help="where run directories go")

@@ -41,6 +41,7 @@ from _launch import (
     ROOT,
     Job,
     Log,
+    add_device_args,
     assign_gpus,
     command_line,
     eval_job,
@@ -132,9 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--startup-s", type=float, default=60,
                    help="part of a training deadline kept for start-up and the final checkpoint (trainer.max_time "
                         "= deadline - startup-s; a safety net, runs are sized by their steps)")
-    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    g.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES ids to spread the runs over, e.g. 0,1")
-    g.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
+    add_device_args(g)
     g.add_argument("--tiny", action="store_true", help="toy sizes for a CPU dry run (overrides the sizes above)")
     g.add_argument("--max-parallel", type=int, default=None, help="jobs at once (default: all)")
     g.add_argument("--workdir", type=Path, default=Path("/tmp/spla_study"), help="where run directories go")

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from _launch import Job, Log, assign_gpus, default_impl, pack, run_jobs, thread_env, visible_gpus
+from _launch import Job, Log, add_device_args, assign_gpus, default_impl, pack, run_jobs, thread_env, visible_gpus
 
 SCORERS = ("taylor2", "taylor1", "random", "oracle")
 DENSE = "dense"  # a dense checkpoint as trained
@@ -56,9 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learned", type=float, default=0.5,
                    help="a checkpoint counts as having learned a task when its exact match with oracle selection at "
                         "the first length is at least this (independent of the scorers compared)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES ids to spread over (default: all visible)")
-    p.add_argument("--impl", default=None, help="attention ops (default: auto on cuda, reference on cpu)")
+    add_device_args(p, "the evaluations are spread over")
     p.add_argument("--max-parallel", type=int, default=None, help="evaluations at once (default: 24 on cuda, 1 on cpu)")
     p.add_argument("--deadline-s", type=float, default=900)
     args = p.parse_args(argv)
