@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,11 @@ def table(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return runs
 
 
+def _lengths(runs: Mapping[str, Any]) -> list[str]:
+    """Every evaluated length of the table, ascending (the JSON's string keys)."""
+    return sorted({n for r in runs.values() for c in r["cells"].values() for n in c["exact_match"]}, key=int)
+
+
 def _score(r: Mapping[str, Any], col: str, length: str, task: str) -> float | None:
     if col == WITH_RESIDUAL:
         col = r["trained_scorer"]
@@ -175,8 +181,7 @@ def paired(runs: Mapping[str, Any], a: str, b: str, length: str, task: str, firs
             diffs.append(sa - sb)
             names.append(run)
     iv = t_interval(diffs)
-    return {"a": a, "b": b, "length": length, "task": task, "runs": names, "diffs": diffs, "mean": iv.mean,
-            "half_width": iv.half, "n": iv.n}
+    return {"a": a, "b": b, "length": length, "task": task, "runs": names, "diffs": diffs, **asdict(iv)}
 
 
 def paired_fidelity(runs: Mapping[str, Any], a: str, b: str, key: str = "mass_share") -> dict[str, Any]:
@@ -186,13 +191,19 @@ def paired_fidelity(runs: Mapping[str, Any], a: str, b: str, key: str = "mass_sh
     diffs = [(r["cells"][a]["fidelity"] or {}).get(key, float("nan")) - (r["cells"][b]["fidelity"] or {}).get(
         key, float("nan")) for r in runs.values() if a in r["cells"] and b in r["cells"]]
     iv = t_interval(diffs)
-    return {"a": a, "b": b, "key": key, "diffs": diffs, "mean": iv.mean, "half_width": iv.half, "n": iv.n,
-            "a_higher": sum(d > 0 for d in diffs)}
+    return {"a": a, "b": b, "key": key, "diffs": diffs, **asdict(iv), "a_higher": sum(d > 0 for d in diffs)}
+
+
+def _signed(stat: Mapping[str, Any], scale: float, digits: int) -> str:
+    """A difference's ``mean ± half`` cell (:func:`~spla_lit.eval.study.fmt_stat`) with its sign always shown."""
+    from spla_lit.eval.study import fmt_stat
+
+    return ("+" if stat["mean"] >= 0 else "") + fmt_stat(stat, scale, digits)
 
 
 def markdown(runs: Mapping[str, Any], pairs: Sequence[Mapping[str, Any]], fidelity: Sequence[Mapping[str, Any]],
              learned: float) -> str:
-    lengths = sorted({n for r in runs.values() for c in r["cells"].values() for n in c["exact_match"]}, key=int)
+    lengths = _lengths(runs)
     lines = ["# Same weights, other selection", "",
              "Exact match (%) per task, `niah_single / mqar`, of each checkpoint evaluated with each selection. "
              "`dense`: a dense checkpoint as trained; a dense checkpoint's scorer columns read it as block-sparse "
@@ -218,17 +229,15 @@ def markdown(runs: Mapping[str, Any], pairs: Sequence[Mapping[str, Any]], fideli
               "| a − b | fidelity | n | a higher in | mean ± 95% t |", "| --- | --- | --- | --- | --- |"]
     for p in fidelity:
         if p["n"]:
-            hw = "" if p["half_width"] is None else f" ± {p['half_width']:.3f}"
             lines.append(f"| {p['a']} − {p['b']} | {p['key']} | {p['n']} | {p['a_higher']} of {p['n']} | "
-                         f"{p['mean']:+.3f}{hw} |")
+                         f"{_signed(p, 1, 3)} |")
     lines += ["", f"## Paired differences over the checkpoints that learned the task (oracle selection >= "
                   f"{100 * learned:.0f}% at the first length)", "",
               "| a − b | length | task | n | runs | mean ± 95% t (points) |", "| --- | --- | --- | --- | --- | --- |"]
     for p in pairs:
         if p["n"]:
-            hw = "" if p["half_width"] is None else f" ± {100 * p['half_width']:.1f}"
             lines.append(f"| {p['a']} − {p['b']} | {p['length']} | {p['task']} | {p['n']} | {', '.join(p['runs'])} "
-                         f"| {100 * p['mean']:+.1f}{hw} |")
+                         f"| {_signed(p, 100, 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +247,7 @@ def collect(folder: Path, out: Path, learned: float) -> dict[str, Any]:
     runs = table(load_evals(folder))
     if not runs:
         raise SystemExit(f"--collect: no <run>__<tag>/results.json in {folder}")
-    lengths = sorted({n for r in runs.values() for c in r["cells"].values() for n in c["exact_match"]}, key=int)
+    lengths = _lengths(runs)
     tasks = sorted({t for r in runs.values() for c in r["cells"].values() for t in c["exact_match"][lengths[0]]})
     pairs = [paired(runs, a, b, n, t, lengths[0], learned) for t in tasks for n in lengths
              for a, b in (("taylor2", "taylor1"), ("taylor2", "random"), ("oracle", "taylor2"),
