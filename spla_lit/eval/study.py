@@ -155,22 +155,21 @@ def job_config(job_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-# config.json key -> model.* key: a run started from a Hugging Face folder takes its sizes from there, not from the
-# (default) model.* values its Hydra config still shows
-_HF_SIZES = (("hidden_size", "model.d_model"), ("num_hidden_layers", "model.n_layers"),
-             ("num_attention_heads", "model.n_heads"), ("num_key_value_heads", "model.n_kv_heads"))
-
-
 def _init_from_sizes(init_from: str | None) -> dict[str, Any]:
-    """The model sizes of an ``init_from`` folder's ``config.json`` (empty when there is none or it is gone)."""
+    """The :data:`CONFIG_KEYS` ``model.*`` sizes of an ``init_from`` folder, read as ``init_from`` reads it (a run
+    started from a Hugging Face folder has those sizes, not the default ``model.*`` values its Hydra config still
+    shows); empty when the folder is gone (another machine) or not a model ``init_from`` accepts."""
     if not init_from:
         return {}
-    path = Path(str(init_from)) / "config.json"
+    from ..config import ConfigError
+    from ..hf.spec import read_hf_config, spec_from_hf_config
+
     try:
-        hf = json.loads(path.read_text())
-    except (OSError, ValueError):
+        sizes = spec_from_hf_config(read_hf_config(str(init_from))).model_kwargs()
+    except ConfigError:
         return {}
-    return {"init_from": str(init_from), **{key: hf[name] for name, key in _HF_SIZES if name in hf}}
+    return {"init_from": str(init_from),
+            **{f"model.{k}": v for k, v in sizes.items() if f"model.{k}" in CONFIG_KEYS}}
 
 
 def _train_summary(scalars: Mapping[str, list[tuple[int, float, float]]], config: Mapping[str, Any],

@@ -190,13 +190,15 @@ def test_job_config_takes_model_sizes_from_an_init_from_folder(tmp_path):
     # a CPT run's Hydra config still shows the default model.* sizes; the model came from init_from's config.json
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2,
-                                                  "num_attention_heads": 2, "num_key_value_heads": 1}))
+    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                  "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+                                                  "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                  "num_key_value_heads": 1}))
     job = tmp_path / "0_taylor2_s1"
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "config.yaml").write_text(f"init_from: {base}\nmodel:\n  d_model: 128\n  n_layers: 4\n")
     assert job_config(job) == {"init_from": str(base), "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2,
-                               "model.n_kv_heads": 1}
+                               "model.n_kv_heads": 1, "model.head_dim": 16}
     (base / "config.json").unlink()  # gone (another machine): the config's own values stay
     assert job_config(job) == {"model.d_model": 128, "model.n_layers": 4}
 
