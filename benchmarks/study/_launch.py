@@ -326,12 +326,14 @@ def log_setup(log: Callable[[str], None], gpus: Sequence[str]) -> None:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); the launcher sees {seen}")
 
 
-def write_commands(path: Path, train: Sequence[Job], evals: Sequence[Job]) -> None:
-    """Every job's command line (training, then evaluation), for the record."""
+TRAIN_PHASE = "training (one process per run, all at once)"
+
+
+def write_commands(path: Path, phases: Sequence[tuple[str, Sequence[Job]]]) -> None:
+    """Every job's command line, phase by phase under a ``# <title>`` line, for the record."""
     from spla_lit.eval.report import write_text
 
-    write_text("# training (one process per run, all at once)\n" + "\n".join(map(command_line, train))
-               + "\n# evaluation\n" + "\n".join(map(command_line, evals)) + "\n", path)
+    write_text("".join(f"# {title}\n" + "".join(command_line(j) + "\n" for j in jobs) for title, jobs in phases), path)
 
 
 def records_and_archive(runs: Sequence[tuple[Job, str, int | None]], trained: Mapping[str, Outcome],

@@ -32,6 +32,7 @@ from _launch import (
     CPU_TRAIN,
     TINY_HEAD_DIM,
     TINY_TRAIN,
+    TRAIN_PHASE,
     Job,
     Log,
     add_device_args,
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         f"lengths=[{train_len}]", f"tasks=[{','.join(TASKS)}]", f"num_samples={args.num_samples}",
         f"batch_size={4 if args.tiny else 32}", "perplexity.enabled=false", "fidelity.enabled=false", "plot=false"])
         for j in jobs}
-    write_commands(args.out / "commands.sh", jobs, list(evals.values()))
+    write_commands(args.out / "commands.sh", [(TRAIN_PHASE, jobs), ("evaluation", list(evals.values()))])
 
     log(f"phase 1: training, deadline {args.train_s:.0f}s")
     trained = run_jobs(jobs, args.train_s, log)

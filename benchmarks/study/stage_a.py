@@ -27,6 +27,7 @@ from pathlib import Path
 from _launch import (
     CPU_TRAIN,
     TINY_TRAIN,
+    TRAIN_PHASE,
     Job,
     add_device_args,
     assign_gpus,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         f"every run: {args.set or 'none'}")
     log_setup(log, gpus)
     evals = {j.name: eval_job(j, args.device, impl, eval_overrides(args, arm, train_len)) for j, arm, _ in runs}
-    write_commands(args.out / "commands.sh", jobs, list(evals.values()))
+    write_commands(args.out / "commands.sh", [(TRAIN_PHASE, jobs), ("evaluation", list(evals.values()))])
 
     log(f"phase 1: training, deadline {args.train_s:.0f}s (trainer.max_time {max_time(args.train_s - args.startup_s)})")
     trained = run_jobs(jobs, args.train_s, log, max_parallel=args.max_parallel)

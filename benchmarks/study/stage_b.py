@@ -43,7 +43,6 @@ from _launch import (
     Log,
     add_device_args,
     assign_gpus,
-    command_line,
     eval_job,
     log_setup,
     max_time,
@@ -53,6 +52,8 @@ from _launch import (
     split_file,
     start,
     thread_env,
+    width_overrides,
+    write_commands,
 )
 
 from spla_lit.eval.text_tasks import TEXT_TASKS  # noqa: E402 (after _launch puts the root on the path)
@@ -192,10 +193,7 @@ def check_args(args: argparse.Namespace, error: Any) -> None:
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
     """The base model's sizes (``model=dense``; CPT runs take them from the exported base)."""
-    heads = args.d_model // args.head_dim
-    kv = heads // 2 if heads % 2 == 0 else heads
-    return [f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", f"model.n_heads={heads}",
-            f"model.n_kv_heads={kv}", f"model.head_dim={args.head_dim}"]
+    return [*width_overrides(args.d_model, args.head_dim), f"model.n_layers={args.layers}"]
 
 
 def _machine(args: argparse.Namespace, impl: str) -> list[str]:
@@ -324,12 +322,6 @@ def best_checkpoint(run: Path, log: Log, which: str = "best") -> tuple[Path, int
                 return ckpt, curve["best_step"]
             log(f"base: no checkpoint at the best step {curve['best_step']} ({ckpt.name}): exporting last.ckpt")
     return last, None
-
-
-def write_commands(path: Path, phases: list[tuple[str, list[Job]]]) -> None:
-    from spla_lit.eval.report import write_text
-
-    write_text("".join(f"# {title}\n" + "".join(command_line(j) + "\n" for j in jobs) for title, jobs in phases), path)
 
 
 def scalar_stats(run: Path) -> dict[str, Any]:
