@@ -44,6 +44,7 @@ from _launch import (
     add_device_args,
     assign_gpus,
     eval_job,
+    has_checkpoint,
     log_setup,
     max_time,
     pack,
@@ -57,6 +58,7 @@ from _launch import (
 )
 
 from spla_lit.eval.text_tasks import TEXT_TASKS  # noqa: E402 (after _launch puts the root on the path)
+from spla_lit.ops.utils import cdiv  # noqa: E402
 
 ARMS = ("dense", "taylor2", "taylor1", "random", "no_rla")
 RESIDUAL_ARMS = ("taylor2", "taylor1", "random")  # the arms whose conversion adds parameters (gate, norm)
@@ -427,7 +429,7 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
     outcomes = run_jobs([pre], args.pretrain_s, log)
     log(f"probe 2/3: {n_cpt} CPT runs at once, {args.probe_steps} steps")
     outcomes.update(run_jobs([j for j, _, _ in runs], args.cpt_s, log, max_parallel=args.max_parallel))
-    ready = [e for e in evals if (e.log.parent / "checkpoints" / "last.ckpt").is_file()]
+    ready = [e for e in evals if has_checkpoint(e)]
     log(f"probe 3/3: {len(ready)} evaluations ({args.probe_eval_samples} samples per task and length)")
     evaluated = run_jobs(ready, args.eval_s, log, max_parallel=args.max_parallel)
 
@@ -458,7 +460,7 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
            for a, rs in cpt_rates.items()}
     per_gpu = max(1, len(gpus))
     sizing = suggest(args, rows[0] if rows[0]["steps_per_s"] else {}, cpt, eval_s,
-                     {"eval": -(-2 * n_cpt // per_gpu), "probe_eval": -(-2 * len(first) // per_gpu)})
+                     {"eval": cdiv(2 * n_cpt, per_gpu), "probe_eval": cdiv(2 * len(first), per_gpu)})
     write_json({"rows": rows, "suggestion": sizing, "args": {k: str(v) for k, v in vars(args).items()}},
                args.out / "probe.json")
     text = probe_markdown(args, rows, sizing)

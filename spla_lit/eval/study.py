@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..ops.utils import cdiv
 from .report import plot_accuracy, table, write_json, write_text
 from .sweep import read_scalars
 
@@ -447,7 +448,7 @@ def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, An
         if curve is None:
             continue
         hist = [h for h in r["train"]["val_history"] if h.get("val/loss") is not None]
-        shown = hist[::max(1, -(-len(hist) // 16))]  # at most 16 rows, and the last
+        shown = hist[::max(1, cdiv(len(hist), 16))]  # at most 16 rows, and the last
         shown += [] if shown[-1] is hist[-1] else [hist[-1]]
         drop = curve["last_quarter_drop"]
         out += [f"## Base model `{r['job']}`: pretraining validation curve", "",
