@@ -117,13 +117,8 @@ def eval_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "",
-                  bands: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> Path | None:
-    """Accuracy (%) vs context length, one line per model: ``series[label][length] = accuracy in [0, 1]``;
-    ``bands[label][length] = (low, high)`` shades an interval around a line (where every point has one).
-
-    Returns the PNG path, or None (with a logged message) when matplotlib is not installed.
-    """
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a logged message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -131,6 +126,31 @@ def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, t
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed: skipping the plot (pip install -e '.[plot]')")
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    import matplotlib.pyplot as plt  # loaded already: the figure came from it
+
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "",
+                  bands: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> Path | None:
+    """Accuracy (%) vs context length, one line per model: ``series[label][length] = accuracy in [0, 1]``;
+    ``bands[label][length] = (low, high)`` shades an interval around a line (where every point has one).
+
+    Returns the PNG path, or None (with a logged message) when matplotlib is not installed.
+    """
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, points in series.items():
@@ -150,9 +170,4 @@ def plot_accuracy(series: Mapping[str, Mapping[str, float]], path: str | Path, t
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

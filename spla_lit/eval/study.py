@@ -294,9 +294,10 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Returns ``{"lengths": [...], "tasks": [...], "arms": {arm: {"seeds", "runs", "average": {length: stat},
     "per_task": {length: {task: stat}}, "fidelity": {layer: {metric: stat}}, "fidelity_mean": {metric: stat},
     "perplexity": {"buckets": [{"start", "end", "ppl": stat, "loss": stat}], "length", "ppl": stat},
-    "train": {key: stat}}}}`` where a stat is ``{"mean", "half", "n"}`` (accuracies as fractions). With
-    ``decode=generate`` results an arm also has ``"generate": {"average", "per_task"}`` (exact match of the greedy
-    continuation), with ``eval_short`` results (stage B) ``"short_ppl": {"length", "ppl": stat, "loss": stat}``.
+    "train": {key: stat}}}, "paired": paired_differences(records)}`` where a stat is ``{"mean", "half", "n"}``
+    (accuracies as fractions). With ``decode=generate`` results an arm also has ``"generate": {"average",
+    "per_task"}`` (exact match of the greedy continuation), with ``eval_short`` results (stage B) ``"short_ppl":
+    {"length", "ppl": stat, "loss": stat}``.
     """
     by_arm: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
@@ -338,10 +339,62 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                         for k in ("global_step", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_median")}
         for k in ("val/loss", "val/ppl", "val/exact_match", "val/acc/niah_single", "val/acc/mqar"):
             out["train"][k] = _stat((t.get("final") or {}).get(k) for t in trains)
+        curves = [val_curve(t.get("val_history") or []) for t in trains]
+        out["train"]["val/loss_best"] = _stat(c and c["best"] for c in curves)
+        out["train"]["val/loss_best_step"] = _stat(c and c["best_step"] for c in curves)
         out["train"]["cut"] = sum(t.get("status") == "cut" for t in trains)
         out["train"]["failed"] = sum(t.get("status") not in ("ok", "cut") for t in trains) + len(runs) - len(ev)
         arms[arm] = out
-    return {"lengths": lengths, "tasks": tasks, "arms": arms, "num_runs": len(records)}
+    return {"lengths": lengths, "tasks": tasks, "arms": arms, "num_runs": len(records),
+            "paired": paired_differences(records)}
+
+
+# Paired comparisons (arm A minus arm B over the seeds both ran; the same seed is the same data order): the pairs
+# that speak to the paper's claims, and the metrics of a run record they compare (lower is better for losses).
+PAIRS = (("taylor2", "dense"), ("taylor1", "dense"), ("random", "dense"), ("no_rla", "dense"),
+         ("taylor2", "taylor1"), ("taylor2", "random"), ("taylor2", "no_rla"))
+
+
+def _suite_at_train_len(record: Mapping[str, Any]) -> float | None:
+    ev, n = record.get("eval") or {}, (record.get("config") or {}).get("data.seq_len")
+    suite = ev.get("ruler_generate") or ev.get("ruler") or {}
+    value = (suite.get("average") or {}).get(str(n))
+    return None if value is None else 100 * value
+
+
+def _ppl_loss(perplexity: Mapping[str, Any] | None) -> float | None:
+    ppl = (perplexity or {}).get("ppl")
+    return math.log(ppl) if ppl else None
+
+
+PAIRED_METRICS: dict[str, Any] = {
+    "best val loss": lambda r: (val_curve(r["train"].get("val_history") or []) or {}).get("best"),
+    "final val loss": lambda r: (r["train"].get("final") or {}).get("val/loss"),
+    "short-context loss": lambda r: _ppl_loss((r.get("eval_short") or {}).get("perplexity")),
+    "long-context loss": lambda r: _ppl_loss((r.get("eval") or {}).get("perplexity")),
+    "exact match at the training length (%)": _suite_at_train_len,
+}
+
+
+def paired_differences(records: Sequence[Mapping[str, Any]],
+                       pairs: Sequence[tuple[str, str]] = PAIRS) -> list[dict[str, Any]]:
+    """For each ``(a, b)`` pair of arms and each of :data:`PAIRED_METRICS` both arms have: the per-seed
+    differences ``a - b`` over the seeds both ran, their mean and 95% t-interval (``stat``) and how many are
+    negative / positive. Rows ``{"a", "b", "metric", "seeds", "diffs", "stat", "below", "above"}``."""
+    by = {(str(r["arm"]), r.get("seed")): r for r in records if r.get("seed") is not None}
+    rows = []
+    for a, b in pairs:
+        seeds = sorted({s for arm, s in by if arm == a} & {s for arm, s in by if arm == b})
+        for metric, read in PAIRED_METRICS.items():
+            both = [(s, read(by[a, s]), read(by[b, s])) for s in seeds]
+            both = [(s, x, y) for s, x, y in both if x is not None and y is not None]
+            if not both:
+                continue
+            diffs = [x - y for _, x, y in both]
+            rows.append({"a": a, "b": b, "metric": metric, "seeds": [s for s, _, _ in both], "diffs": diffs,
+                         "stat": _stat(diffs), "below": sum(d < 0 for d in diffs),
+                         "above": sum(d > 0 for d in diffs)})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ Markdown
@@ -437,12 +490,23 @@ def study_markdown(summary: Mapping[str, Any], records: Sequence[Mapping[str, An
             "launch sharing the GPU; median logged: the Throughput callback's 10-step window, validation excluded.",
             "",
             table(["arm", "steps", "tokens (M)", "tokens/s (K)", "median logged (K)", "wall s", "val loss",
-                   "val exact match (%)", "cut / failed"],
+                   "best val loss", "at step", "val exact match (%)", "cut / failed"],
                   [[names[a], fmt_stat(v["train"]["global_step"], 1, 0), fmt_stat(v["train"]["tokens"], 1e-6, 1),
                     fmt_stat(v["train"]["tokens_per_s"], 1e-3, 0), fmt_stat(v["train"]["tokens_per_s_median"], 1e-3, 0),
                     fmt_stat(v["train"]["wall_s"], 1, 0), fmt_stat(v["train"]["val/loss"], 1, 3),
+                    fmt_stat(v["train"]["val/loss_best"], 1, 3), fmt_stat(v["train"]["val/loss_best_step"], 1, 0),
                     fmt_stat(v["train"]["val/exact_match"], 100), f"{v['train']['cut']} / {v['train']['failed']}"]
                    for a, v in arms.items()]), ""]
+    paired = summary.get("paired") or []
+    if paired:
+        out += ["## Paired by seed", "",
+                "Arm A minus arm B per seed (the same seed: the same data order and, in stage B, the same base), "
+                "mean ± 95% t-interval over the seeds both ran; A < B / A > B: how many seeds. Losses in nats "
+                "(long/short-context: ln of the evaluation's perplexity); lower is better, except exact match.", "",
+                table(["A - B", "metric", "n", "difference", "A < B", "A > B"],
+                      [[f"{names.get(p['a'], p['a'])} - {names.get(p['b'], p['b'])}", p["metric"], p["stat"]["n"],
+                        fmt_stat(p["stat"], 1, 1 if p["metric"].startswith("exact") else 4), p["below"], p["above"]]
+                       for p in paired]), ""]
     for r in records:
         curve = val_curve(r["train"].get("val_history") or []) if r.get("role") == "base" else None
         if curve is None:
@@ -484,6 +548,37 @@ def plot_study(summary: Mapping[str, Any], path: str | Path, title: str = "") ->
     return plot_accuracy(series, path, title=title, bands=bands)
 
 
+def plot_val_curves(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Validation loss vs training step per arm (mean over seeds at the steps every seed logged, the 95% interval
+    as a band). None without matplotlib or without validation histories."""
+    from .report import pyplot, save_figure
+
+    by_arm: dict[str, list[dict[int, float]]] = {}
+    for r in sorted(records, key=lambda r: _arm_key(str(r["arm"]))):
+        hist = {int(h["step"]): float(h["val/loss"]) for h in (r.get("train") or {}).get("val_history") or []
+                if h.get("val/loss") is not None}
+        if hist:
+            by_arm.setdefault(str(r["arm"]), []).append(hist)
+    plt = pyplot() if by_arm else None
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for arm, hists in by_arm.items():
+        steps = sorted(set.intersection(*(set(h) for h in hists)))
+        stats = [t_interval(h[s] for h in hists) for s in steps]
+        line, = ax.plot(steps, [st.mean for st in stats], label=ARM_TITLES.get(arm, arm), lw=1.2)
+        if len(hists) > 1:
+            ax.fill_between(steps, [st.low for st in stats], [st.high for st in stats], color=line.get_color(),
+                            alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
 def record_name(record: Mapping[str, Any]) -> str:
     """File stem of a run record: ``<arm>_s<seed>`` (the job name when the seed is unknown)."""
     seed = record.get("seed")
@@ -492,8 +587,8 @@ def record_name(record: Mapping[str, Any]) -> str:
 
 def collect_study(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "study_a",
                   title: str | None = None, plot: bool = True, write_runs: bool = True) -> dict[str, Any]:
-    """Write ``<out>/<name>.md`` (tables), ``<name>.json`` (the aggregate), ``<name>.png`` (figure, with
-    matplotlib) and, with ``write_runs``, every record as ``<out>/runs/<arm>_s<seed>.json``."""
+    """Write ``<out>/<name>.md`` (tables), ``<name>.json`` (the aggregate), ``<name>.png`` and ``<name>_val.png``
+    (figures, with matplotlib) and, with ``write_runs``, every record as ``<out>/runs/<arm>_s<seed>.json``."""
     if not records:
         raise ValueError("records: no run records to collect")
     out = Path(out_dir)
@@ -509,9 +604,10 @@ def collect_study(records: Sequence[Mapping[str, Any]], out_dir: str | Path, nam
     write_text(study_markdown(summary, records, title or f"Study: {name}"), out / f"{name}.md")
     if plot:
         plot_study(summary, out / f"{name}.png", title=f"{name}: exact match vs length (95% t-interval over seeds)")
+        plot_val_curves(records, out / f"{name}_val.png", title=f"{name}: validation loss (95% t-interval over seeds)")
     log.info("wrote %s", out / f"{name}.md")
     return summary
 
 
-__all__ = ["Interval", "aggregate", "collect_study", "eval_settings", "load_records", "plot_study", "run_record",
-           "study_markdown", "t_interval", "t_quantile", "val_curve"]
+__all__ = ["Interval", "aggregate", "collect_study", "eval_settings", "load_records", "paired_differences",
+           "plot_study", "plot_val_curves", "run_record", "study_markdown", "t_interval", "t_quantile", "val_curve"]

@@ -21,6 +21,7 @@ from spla_lit.eval.study import (
     job_config,
     load_records,
     plot_study,
+    plot_val_curves,
     run_record,
     study_markdown,
     t_interval,
@@ -156,9 +157,14 @@ def test_collect_study_writes_records_tables_and_reads_them_back(tmp_path):
 
 
 def test_plot_study_draws_bands_or_skips_without_matplotlib(tmp_path, monkeypatch):
-    summary = aggregate(_records())
+    records = _records()
+    for i, r in enumerate(records):
+        r["train"]["val_history"] = [{"step": s, "val/loss": 3.0 - s / 10 + i / 100} for s in (1, 2, 3)]
+    summary = aggregate(records)
     pytest.importorskip("matplotlib")
     assert plot_study(summary, tmp_path / "a.png").is_file()
+    assert plot_val_curves(records, tmp_path / "v.png").is_file()
+    assert plot_val_curves([_record("dense", 1, None)], tmp_path / "none.png") is None  # no history: no figure
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -168,7 +174,8 @@ def test_plot_study_draws_bands_or_skips_without_matplotlib(tmp_path, monkeypatc
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert plot_study(summary, tmp_path / "b.png") is None
-    assert not (tmp_path / "b.png").exists()
+    assert plot_val_curves(records, tmp_path / "w.png") is None
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "w.png").exists()
 
 
 def test_run_record_reads_a_job_folder(tmp_path):
@@ -297,3 +304,28 @@ def test_triton_kernels_take_the_study_shapes(arm):
     outs[0].square().sum().backward()
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_paired_differences_pair_arms_by_seed_and_reach_the_tables():
+    def rec(arm, seed, best, short_ppl):
+        r = _record(arm, seed, {32: 0.5})
+        r["train"]["val_history"] = [{"step": 1, "val/loss": best + 1.0}, {"step": 2, "val/loss": best},
+                                     {"step": 3, "val/loss": best + 0.5}]
+        r["eval_short"] = {"perplexity": {"length": 16, "ppl": short_ppl, "loss": math.log(short_ppl)}}
+        return r
+
+    records = [rec("taylor2", 1, 2.0, 10.0), rec("taylor2", 2, 2.2, 10.0), rec("taylor2", 3, 2.1, 10.0),
+               rec("dense", 1, 2.1, 20.0), rec("dense", 2, 2.1, 20.0),  # no seed 3: two pairs
+               rec("taylor1", 9, 1.0, 1.0)]  # no seed in common with taylor2: no row
+    rows = {(p["a"], p["b"], p["metric"]): p for p in aggregate(records)["paired"]}
+    best = rows["taylor2", "dense", "best val loss"]
+    assert best["seeds"] == [1, 2] and best["diffs"] == pytest.approx([-0.1, 0.1])
+    assert best["stat"]["mean"] == pytest.approx(0.0) and (best["below"], best["above"]) == (1, 1)
+    short = rows["taylor2", "dense", "short-context loss"]
+    assert short["diffs"] == pytest.approx([math.log(0.5)] * 2) and short["below"] == 2
+    assert not any(a == "taylor2" and b == "taylor1" for a, b, _ in rows)
+    s = aggregate(records)
+    assert s["arms"]["taylor2"]["train"]["val/loss_best"]["mean"] == pytest.approx(2.1)
+    assert s["arms"]["taylor2"]["train"]["val/loss_best_step"]["mean"] == pytest.approx(2.0)
+    text = study_markdown(s, records)
+    assert "## Paired by seed" in text and "| SPLA taylor2 - dense | best val loss | 2 | 0.0000 ± " in text
