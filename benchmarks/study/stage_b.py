@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation (phase 3)")
     g.add_argument("--eval-lengths", nargs="+", type=int, default=None,
                    help="text suite lengths (default 1x, 2x, 4x, 8x --cpt-len: 4K..32K)")
-    g.add_argument("--tasks", nargs="+", default=list(TEXT_TASKS), choices=TEXT_TASKS)
+    g.add_argument("--tasks", nargs="+", default=None, choices=TEXT_TASKS,
+                   help="text suite tasks (default: every one whose samples fit every --eval-lengths, checked on the "
+                        "prepared data at the start; a given task that does not fit is an error)")
     g.add_argument("--num-samples", type=int, default=100, help="samples per task and length")
     g.add_argument("--ppl-len", type=int, default=None, help="perplexity-by-position length (default --cpt-len)")
     g.add_argument("--ppl-samples", type=int, default=16)
@@ -274,6 +276,8 @@ def eval_jobs(args: argparse.Namespace, job: Job, label: str, impl: str, ckpt: P
     """Phase 3 for one run: the long evaluation (suite by generation at --eval-lengths, perplexity by position at
     --ppl-len, fidelity at --cpt-len) and ``eval_short`` (perplexity at --short-len; one task teacher-forced, since
     eval.py always runs a suite)."""
+    if args.tasks is None:
+        raise ValueError("args.tasks: None; fit_tasks() chooses the default tasks first")
     rows = max(1, min(args.eval_batch, 65536 // max(args.eval_lengths)))
     common = [f"label={label}", "batch_size=" + str(args.eval_batch), "max_batch_tokens=65536", "plot=false",
               "progress=false"]
@@ -306,6 +310,38 @@ def heldout_check(args: argparse.Namespace, log: Log) -> None:
     if held < 1.2 * need:
         log(f"WARNING: the held-out text (~{held:,} tokens) may hold too few windows for --ppl-samples / "
             "--short-ppl-samples: raise --val-fraction or lower them")
+
+
+def fit_tasks(args: argparse.Namespace, log: Log) -> str | None:
+    """Check ``--tasks`` x ``--eval-lengths`` (and the short evaluation's niah_single at ``--short-len``) on the
+    prepared tokenizer and held-out text, as eval.py will (``spla_lit.eval.text_tasks.text_task_misfits``, the eval
+    seed stream). Default ``--tasks`` (None) becomes every text task that fits, the others logged as dropped; a
+    given task that does not fit: the error message (None when all is well)."""
+    from omegaconf import OmegaConf
+
+    from spla_lit.eval.ruler import ruler_seed
+    from spla_lit.eval.text_tasks import misfit_message, text_suite, text_task_misfits
+
+    seed = ruler_seed(OmegaConf.load(ROOT / "conf" / "eval.yaml").seed)  # eval.py's default seed: stage B's
+    split_seed = OmegaConf.load(ROOT / "conf" / "data" / "tokens.yaml").split_seed  # the runs' (not overridden)
+    data_cfg = OmegaConf.create({"path": str(args.data / "tokens"), "seq_len": args.cpt_len,
+                                 "val_fraction": args.val_fraction, "split_seed": split_seed})
+    suite = text_suite(data_cfg, str(args.data / "tokenizer"))
+    short = text_task_misfits(suite, ["niah_single"], [args.short_len], seed)
+    if short:
+        return f"--short-len: the short evaluation's {misfit_message(short)}"
+    misfits = text_task_misfits(suite, args.tasks or TEXT_TASKS, args.eval_lengths, seed)
+    if args.tasks is None:
+        args.tasks = [t for t in TEXT_TASKS if t not in misfits]
+        if misfits:
+            log(f"--tasks: dropped {', '.join(misfits)} from the default: --eval-lengths {misfit_message(misfits)}")
+        if not args.tasks:
+            return f"--eval-lengths: no text task fits {args.eval_lengths}"
+    elif misfits:
+        return (f"--tasks / --eval-lengths: {misfit_message(misfits)}; drop the task from --tasks or raise "
+                "--eval-lengths")
+    log(f"text suite: {', '.join(args.tasks)} at {args.eval_lengths} (every pair checked on {args.data})")
+    return None
 
 
 def best_checkpoint(run: Path, log: Log, which: str = "best") -> tuple[Path, int | None]:
@@ -496,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"phase 0: {args.data} is incomplete; nothing else runs")
         return 1
     heldout_check(args, log)
+    problem = fit_tasks(args, log)
+    if problem:
+        log(f"ERROR {problem}; nothing else runs")
+        return 2
     if args.until == "data":
         sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in args.data.iterdir()}
         log(f"data ready: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(sizes.items()))}")

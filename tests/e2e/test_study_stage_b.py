@@ -9,13 +9,26 @@ from pathlib import Path
 
 import pytest
 from hydra_utils import ROOT
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
 
+import stage_b  # noqa: E402
 from _launch import split_file  # noqa: E402
-from stage_b import ARMS, RESIDUAL_ARMS, cpt_jobs, data_jobs, eval_jobs, parse_args, pretrain_job, suggest  # noqa: E402
+from stage_b import (  # noqa: E402
+    ARMS,
+    RESIDUAL_ARMS,
+    cpt_jobs,
+    data_jobs,
+    eval_jobs,
+    fit_tasks,
+    parse_args,
+    pretrain_job,
+    suggest,
+)
 
 from spla_lit.eval.study import aggregate, run_record, study_markdown, val_curve  # noqa: E402
+from spla_lit.eval.text_tasks import TEXT_TASKS, shortest_text_length, text_suite  # noqa: E402
 
 
 def _args(tmp_path: Path, *extra: str):
@@ -135,6 +148,36 @@ def test_each_run_gets_a_long_generated_evaluation_and_a_short_perplexity(tmp_pa
     assert "fidelity.enabled=false" in short.argv and short.log.name == "eval_short.out"
     ckpt = tmp_path / "step000250.ckpt"
     assert _value(eval_jobs(a, job, "base", "auto", ckpt=ckpt)[1].argv, "ckpt_path") == str(ckpt)
+
+
+def test_tasks_and_eval_lengths_are_checked_on_the_prepared_data_before_any_job(tmp_path, prepared, tokenizer_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer").symlink_to(tokenizer_dir)
+    (data / "tokens").symlink_to(prepared)
+    suite = text_suite(OmegaConf.create({"path": str(prepared), "seq_len": 64, "val_fraction": 0.05,
+                                         "split_seed": 0}), str(tokenizer_dir))
+    need = {t: shortest_text_length(suite, t) for t in TEXT_TASKS}
+    short = need["niah_single"] + 8  # niah_single fits, the longest task does not
+    longest = max(need, key=need.get)
+    assert need[longest] > short + 8
+    sizes = ["--short-len", str(short), "--cpt-len", "1024", "--block-size", "32"]  # the corpus: 2880 tokens
+    lines = []
+    a = _args(tmp_path, *sizes, "--eval-lengths", str(short), "1024")
+    assert a.tasks is None and fit_tasks(a, lines.append) is None
+    assert "niah_single" in a.tasks and longest not in a.tasks  # (near the edge samples vary: a margin of 8)
+    assert any(line.startswith("--tasks: dropped ") for line in lines)
+    a = _args(tmp_path, *sizes, "--eval-lengths", "1024")
+    assert fit_tasks(a, lines.append) is None and a.tasks == list(TEXT_TASKS)
+    a = _args(tmp_path, *sizes, "--eval-lengths", str(short), "1024", "--tasks", "niah_single", longest)
+    problem = fit_tasks(a, lines.append)
+    assert problem.startswith("--tasks / --eval-lengths: ") and f"too few for task {longest!r}" in problem
+    # main: the same error before any job runs (no run folder made), in the log that comes back
+    argv = ["--out", str(tmp_path / "out"), "--data", str(data), "--device", "cpu", "--workdir",
+            str(tmp_path / "work"), *sizes, "--eval-lengths", str(short), "--tasks", longest]
+    assert stage_b.main(argv) == 2
+    assert not (tmp_path / "work").exists()
+    assert "ERROR --tasks / --eval-lengths" in (tmp_path / "out" / "launcher.log").read_text()
 
 
 def test_split_file_cuts_into_joinable_parts(tmp_path):
