@@ -65,6 +65,7 @@ RESIDUAL_ARMS = ("taylor2", "taylor1", "random")  # the arms whose conversion ad
 PHASES = ("data", "pretrain", "cpt")
 PART_BYTES = 15 * 2**20  # a file that comes back from the device: at most 16 MiB
 EXTRA_EVALS = ("eval_short",)
+EVAL_SHARE = 0.4  # --size: the evaluation's share of a call at most (the rest trains)
 # --tiny: every phase at toy size on a CPU (reference ops), a few minutes on two cores.
 TINY = {"short_len": 256, "cpt_len": 1024, "vocab_size": 1024, "d_model": 32, "layers": 2, "head_dim": 16,
         "pretrain_steps": 12, "pretrain_batch": 4, "cpt_steps": 4, "cpt_batch": 2, "val_every": 4, "block_size": 32,
@@ -525,7 +526,7 @@ def suggest(args: argparse.Namespace, pre: dict[str, Any], cpt: dict[str, dict[s
     return out
 
 
-def size_from_probe(args: argparse.Namespace, probe: dict[str, Any], eval_share: float = 0.4) -> dict[str, Any]:
+def size_from_probe(args: argparse.Namespace, probe: dict[str, Any], eval_share: float = EVAL_SHARE) -> dict[str, Any]:
     """--size: :func:`suggest` for one call of --budget-s that trains and evaluates the CPT runs of --arms x --seeds
     on --gpus (default: the probe's GPU count), from a probe's ``probe.json``; --num-samples lowered in steps of 5
     until the evaluation takes at most ``eval_share`` of the budget."""
@@ -538,8 +539,10 @@ def size_from_probe(args: argparse.Namespace, probe: dict[str, Any], eval_share:
     candidates = list(range(args.num_samples, 0, -5))
     n = next((n for n in candidates if suggest(args, {}, {}, inputs["evals"], concurrency, num_samples=n)
               ["eval_s_estimate"] <= eval_share * args.budget_s), candidates[-1])
-    return suggest(args, {}, inputs["cpt"], inputs["evals"], concurrency, epoch_steps=inputs["epoch_steps"],
-                   num_samples=n)
+    sizing = suggest(args, {}, inputs["cpt"], inputs["evals"], concurrency, epoch_steps=inputs["epoch_steps"],
+                     num_samples=n)
+    sizing["eval_share"] = sizing["eval_s_estimate"] / args.budget_s
+    return sizing
 
 
 def size_lines(sizing: dict[str, Any]) -> str:
@@ -549,9 +552,10 @@ def size_lines(sizing: dict[str, Any]) -> str:
     if not cpt:
         raise SystemExit("--size: the probe measured no CPT rate")
     epochs = "" if cpt["epochs"] is None else f", {cpt['epochs']:.2f} epochs"
+    over = f" (over {EVAL_SHARE:.0%}: fewer runs or tasks?)" if sizing.get("eval_share", 0.0) > EVAL_SHARE else ""
     return (f"# slowest arm {cpt['slowest']} at {cpt['steps_per_s'][cpt['slowest']]:.3f} steps/s: train "
             f"{cpt['train_s']:.0f}s{epochs}; evaluation ~{sizing['eval_s_estimate']:.0f}s of {sizing['budget_s']:.0f}s "
-            f"at {sizing['num_samples']} samples\n"
+            f"at {sizing['num_samples']} samples{over}\n"
             f"CPT_STEPS={max(1, cpt['steps'])} CPT_S={max(60, cpt['deadline_s'])} EVAL_S={cpt['eval_deadline_s']} "
             f"NSAMP={sizing['num_samples']}\n")
 
@@ -574,13 +578,19 @@ def probe_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizing:
                      num(r.get("wall_s"), ".0f"), num(r.get("startup_s"), ".0f"), num(r.get("eval_scaled_s"), ".0f")]
                     for r in rows]), "", "## Suggestion", ""]
     pre, cpt = sizing.get("pretrain"), sizing.get("cpt")
+    def epochs(part: dict[str, Any], flag: str) -> str:
+        return "" if part["epochs"] is None else f", {part['epochs']:.2f} epochs (at most {flag})"
+
     if pre:
         lines.append(f"- call 1 (`--until pretrain`): `--pretrain-steps {pre['steps']} --pretrain-s "
-                     f"{pre['deadline_s']}` ({pre['tokens'] / 1e6:.0f}M tokens at {pre['steps_per_s']:.1f} steps/s).")
+                     f"{pre['deadline_s']}` ({pre['tokens'] / 1e6:.0f}M tokens at {pre['steps_per_s']:.1f} steps/s"
+                     f"{epochs(pre, f'--pretrain-max-epochs {args.pretrain_max_epochs}')}).")
     if cpt:
         lines.append(f"- call 2 (`--base ...`): `--cpt-steps {cpt['steps']} --cpt-s {cpt['deadline_s']} --eval-s "
-                     f"{cpt['eval_deadline_s']}` ({cpt['tokens_per_run'] / 1e6:.0f}M tokens per run; slowest arm "
-                     f"{cpt['slowest']}; evaluation ~{sizing['eval_s_estimate']:.0f} s).")
+                     f"{cpt['eval_deadline_s']}` ({cpt['tokens_per_run'] / 1e6:.0f}M tokens per run"
+                     f"{epochs(cpt, f'--cpt-max-epochs {args.cpt_max_epochs}')}; slowest arm {cpt['slowest']}; "
+                     f"evaluation ~{sizing['eval_s_estimate']:.0f} s at {sizing['num_samples']} samples; `--size "
+                     "probe.json --budget-s B` sizes another call).")
     if not (pre or cpt):
         lines.append("- no rate measured: see launcher.log.")
     return "\n".join(lines) + "\n"
