@@ -343,7 +343,8 @@ def records_and_archive(runs: Sequence[tuple[Job, str, int | None]], trained: Ma
     """One record per ``(job, arm, seed)`` (``spla_lit.eval.study.run_record`` + ``extra[job.name]`` + how the
     launcher ran it), written to ``<run>/run.json`` and packed with the clipped job logs into ``archive``.
     ``extra_evals``: names of further evaluations of every run (:func:`eval_job`'s ``name``), in the record under
-    that name, their outcomes in ``evaluated`` under ``<job>.<name>``. A run whose record cannot be built gets a
+    that name, their outcomes in ``evaluated`` under ``<job>.<name>``; a job missing from ``trained`` (not trained
+    by this launch) gets ``launcher.train`` None. A run whose record cannot be built gets a
     stub saying why; nothing here raises for one run."""
     from spla_lit.eval.report import write_json
     from spla_lit.eval.study import run_record
@@ -358,7 +359,7 @@ def records_and_archive(runs: Sequence[tuple[Job, str, int | None]], trained: Ma
             record = {"job": job.name, "arm": arm, "seed": seed, "train": {"status": f"record failed: {e}"},
                       "eval": None}
         record.update((extra or {}).get(job.name, {}))
-        record["launcher"] = {"gpu": job.gpu, "train": vars(trained[job.name]),
+        record["launcher"] = {"gpu": job.gpu, "train": vars(trained[job.name]) if job.name in trained else None,
                               "eval": vars(evaluated[job.name]) if job.name in evaluated else None, **launcher}
         for name in extra_evals:
             outcome = evaluated.get(f"{job.name}.{name}")

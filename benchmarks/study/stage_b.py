@@ -65,6 +65,7 @@ RESIDUAL_ARMS = ("taylor2", "taylor1", "random")  # the arms whose conversion ad
 PHASES = ("data", "pretrain", "cpt")
 PART_BYTES = 15 * 2**20  # a file that comes back from the device: at most 16 MiB
 EXTRA_EVALS = ("eval_short",)
+EVAL_SHARE = 0.4  # --size: the evaluation's share of a call at most (the rest trains)
 # --tiny: every phase at toy size on a CPU (reference ops), a few minutes on two cores.
 TINY = {"short_len": 256, "cpt_len": 1024, "vocab_size": 1024, "d_model": 32, "layers": 2, "head_dim": 16,
         "pretrain_steps": 12, "pretrain_batch": 4, "cpt_steps": 4, "cpt_batch": 2, "val_every": 4, "block_size": 32,
@@ -75,11 +76,18 @@ TINY = {"short_len": 256, "cpt_len": 1024, "vocab_size": 1024, "d_model": 32, "l
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output folder (the device's $OUT)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (the device's $OUT); required but with --size")
     p.add_argument("--until", choices=PHASES, default="cpt",
                    help="last phase: data (prepare only), pretrain (+ export, base eval, base archive), cpt (all)")
     p.add_argument("--probe", action="store_true", help="throughput probe and step suggestion (no study runs)")
-    p.add_argument("--budget-s", type=float, default=540, help="--probe: device seconds of one call to size for")
+    p.add_argument("--eval-only", type=Path, default=None, metavar="RUN_ROOT",
+                   help="phases 3-4 only, on the runs of RUN_ROOT (<workdir>/study_b_<date>_<time> of an earlier "
+                        "launch, given the same flags): its CPT runs (and RUN_ROOT/pretrain, if there) re-evaluated")
+    p.add_argument("--budget-s", type=float, default=540,
+                   help="--probe / --size: device seconds of one call to size for")
+    p.add_argument("--size", type=Path, default=None, metavar="PROBE_JSON",
+                   help="print CPT_STEPS=.. CPT_S=.. EVAL_S=.. NSAMP=.. for a call of --budget-s that trains and "
+                        "evaluates --arms x --seeds on --gpus, from a probe's probe.json; runs nothing")
     p.add_argument("--probe-steps", type=int, default=40, help="--probe: steps of each probe run")
     p.add_argument("--probe-eval-samples", type=int, default=4, help="--probe: eval samples per task and length")
     g = p.add_argument_group("data (phase 0)")
@@ -101,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pretrain-lr", type=float, default=2e-3)
     g.add_argument("--warmup-steps", type=int, default=100, help="LR warmup of both stages")
     g.add_argument("--val-every", type=int, default=250, help="validation interval (steps) of both stages")
+    g.add_argument("--pretrain-max-epochs", type=float, default=10.0,
+                   help="passes over the training split the probe's --pretrain-steps may take (and above which the "
+                        "launch warns); the base's best val/loss came at 8")
     g.add_argument("--export", choices=("best", "last"), default="best",
                    help="which pretraining checkpoint becomes the base: lowest val/loss, or the last")
     g.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="bfloat16",
@@ -117,10 +128,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--block-size", type=int, default=64, help="sparse.block_size of the SPLA arms")
     g.add_argument("--topk", type=int, default=8, help="sparse.topk: blocks attended per query block")
     g.add_argument("--set-cpt", nargs="*", default=[], metavar="KEY=VALUE", help="train.py overrides, phase 2")
+    g.add_argument("--cpt-max-epochs", type=float, default=2.0,
+                   help="passes over the training split the probe's --cpt-steps may take (and above which the launch "
+                        "warns): CPT's val/loss was lowest after ~1-1.5 epochs and rose after")
+    g.add_argument("--eval-ckpt", choices=("best", "last"), default="best",
+                   help="which checkpoint of a CPT run is evaluated: the lowest val/loss (each run keeps that one "
+                        "and last.ckpt), or the last")
     g = p.add_argument_group("evaluation (phase 3)")
     g.add_argument("--eval-lengths", nargs="+", type=int, default=None,
                    help="text suite lengths (default 1x, 2x, 4x, 8x --cpt-len: 4K..32K)")
-    g.add_argument("--tasks", nargs="+", default=list(TEXT_TASKS), choices=TEXT_TASKS)
+    g.add_argument("--tasks", nargs="+", default=None, choices=TEXT_TASKS,
+                   help="text suite tasks (default: every one whose samples fit every --eval-lengths, checked on the "
+                        "prepared data at the start; a given task that does not fit is an error)")
     g.add_argument("--num-samples", type=int, default=100, help="samples per task and length")
     g.add_argument("--ppl-len", type=int, default=None, help="perplexity-by-position length (default --cpt-len)")
     g.add_argument("--ppl-samples", type=int, default=16)
@@ -161,7 +180,8 @@ def check_args(args: argparse.Namespace, error: Any) -> None:
         value = getattr(args, flag)
         if value < 1:
             error(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
-    for flag in ("budget_s", "data_s", "pretrain_s", "export_s", "cpt_s", "eval_s", "pretrain_lr", "cpt_lr"):
+    for flag in ("budget_s", "data_s", "pretrain_s", "export_s", "cpt_s", "eval_s", "pretrain_lr", "cpt_lr",
+                 "pretrain_max_epochs", "cpt_max_epochs"):
         if getattr(args, flag) <= 0:
             error(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
     if args.freeze_steps < 0:
@@ -180,9 +200,18 @@ def check_args(args: argparse.Namespace, error: Any) -> None:
         error(f"--eval-lengths: expected distinct positive lengths, got {args.eval_lengths}")
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.arms)) != len(args.arms):
         error("--arms / --seeds: repeated values")
+    if args.out is None and args.size is None:
+        error("--out: required (the output folder)")
+    if args.size is not None and not args.size.is_file():
+        error(f"--size: {args.size} is not a file (a probe's probe.json)")
     if args.probe and args.until != "cpt":
         error("--probe: measures every phase; drop --until")
-    if args.base is not None:
+    if args.eval_only is not None:
+        if args.probe or args.until != "cpt":
+            error("--eval-only: evaluates the runs of an earlier launch; drop --probe / --until")
+        if not args.eval_only.is_dir():
+            error(f"--eval-only: {args.eval_only} is not a folder (expected <workdir>/study_b_<date>_<time>)")
+    if args.base is not None and args.eval_only is None:
         if args.until != "cpt":
             error(f"--base: given, so phase 1 is skipped; --until {args.until} would run nothing")
         if not (args.base / "config.json").is_file():
@@ -244,12 +273,21 @@ def export_job(args: argparse.Namespace, ckpt: Path, base: Path, env: dict[str, 
     return Job("export", argv, base.parent / "export.out", dict(env))
 
 
+# A CPT run keeps two checkpoints: the lowest val/loss (saved after the validation that measured it, named by its
+# step like the pretraining's) and train.py's last.ckpt; no per-validation checkpoints (15 runs share the disk).
+BEST_CKPT = ["++callbacks.model_checkpoint.monitor=val/loss", "++callbacks.model_checkpoint.mode=min",
+             "callbacks.model_checkpoint.save_top_k=1", "callbacks.model_checkpoint.every_n_train_steps=null",
+             "callbacks.model_checkpoint.save_last=false"]
+
+
 def cpt_jobs(args: argparse.Namespace, run_root: Path, threads: int, impl: str, base: Path | None, steps: int,
-             prefix: str = "", deadline_s: float | None = None) -> list[tuple[Job, str, int]]:
+             prefix: str = "", deadline_s: float | None = None, keep_best: bool = True) -> list[tuple[Job, str, int]]:
     """Phase 2: (job, arm, seed) per CPT run, arm-major (round-robin GPUs get every arm). ``base`` None (the probe
-    without a base): a randomly initialised model of the base's sizes, same throughput."""
+    without a base): a randomly initialised model of the base's sizes, same throughput. ``keep_best``: the run
+    keeps its best-val checkpoint (:data:`BEST_CKPT`) beside last.ckpt; else last.ckpt only (the probe)."""
     init = ([f"init_from={base}"] if base is not None else
             ["init_from_required=false", f"tokenizer={args.data / 'tokenizer'}", *model_overrides(args)])
+    ckpts = BEST_CKPT if keep_best else ["callbacks.model_checkpoint=null"]
     out = []
     for arm in args.arms:
         # only the arms with a residual have new parameters to train alone first (train.py refuses it otherwise)
@@ -263,7 +301,7 @@ def cpt_jobs(args: argparse.Namespace, run_root: Path, threads: int, impl: str, 
                     f"sparse.block_size={args.block_size}", f"sparse.topk={args.topk}", f"optim.lr={args.cpt_lr}",
                     f"optim.warmup_steps={args.warmup_steps}", f"trainer.max_steps={steps}", _val_every(args, steps),
                     f"++trainer.max_time={max_time((deadline_s or args.cpt_s) - args.startup_s)}",
-                    "callbacks.model_checkpoint=null", *_machine(args, impl), f"hydra.run.dir={run_root / name}",
+                    *ckpts, *_machine(args, impl), f"hydra.run.dir={run_root / name}",
                     *args.set_cpt]
             out.append((Job(name, argv, run_root / name / "train.out", thread_env(threads)), arm, seed))
     return out
@@ -274,6 +312,8 @@ def eval_jobs(args: argparse.Namespace, job: Job, label: str, impl: str, ckpt: P
     """Phase 3 for one run: the long evaluation (suite by generation at --eval-lengths, perplexity by position at
     --ppl-len, fidelity at --cpt-len) and ``eval_short`` (perplexity at --short-len; one task teacher-forced, since
     eval.py always runs a suite)."""
+    if args.tasks is None:
+        raise ValueError("args.tasks: None; fit_tasks() chooses the default tasks first")
     rows = max(1, min(args.eval_batch, 65536 // max(args.eval_lengths)))
     common = [f"label={label}", "batch_size=" + str(args.eval_batch), "max_batch_tokens=65536", "plot=false",
               "progress=false"]
@@ -308,22 +348,107 @@ def heldout_check(args: argparse.Namespace, log: Log) -> None:
             "--short-ppl-samples: raise --val-fraction or lower them")
 
 
-def best_checkpoint(run: Path, log: Log, which: str = "best") -> tuple[Path, int | None]:
-    """The pretraining checkpoint to export: with ``best`` the ``step<N>.ckpt`` of the lowest val/loss (train.py's
-    checkpoint callback saves one per validation), else (or when missing) ``last.ckpt``; and its step."""
-    from spla_lit.eval.study import run_record, val_curve
+def fit_tasks(args: argparse.Namespace, log: Log) -> str | None:
+    """Check ``--tasks`` x ``--eval-lengths`` (and the short evaluation's niah_single at ``--short-len``) on the
+    prepared tokenizer and held-out text, as eval.py will (``spla_lit.eval.text_tasks.text_task_misfits``, the eval
+    seed stream). Default ``--tasks`` (None) becomes every text task that fits, the others logged as dropped; a
+    given task that does not fit: the error message (None when all is well)."""
+    from omegaconf import OmegaConf
+
+    from spla_lit.eval.ruler import ruler_seed
+    from spla_lit.eval.text_tasks import misfit_message, text_suite, text_task_misfits
+
+    seed = ruler_seed(OmegaConf.load(ROOT / "conf" / "eval.yaml").seed)  # eval.py's default seed: stage B's
+    split_seed = OmegaConf.load(ROOT / "conf" / "data" / "tokens.yaml").split_seed  # the runs' (not overridden)
+    data_cfg = OmegaConf.create({"path": str(args.data / "tokens"), "seq_len": args.cpt_len,
+                                 "val_fraction": args.val_fraction, "split_seed": split_seed})
+    suite = text_suite(data_cfg, str(args.data / "tokenizer"))
+    short = text_task_misfits(suite, ["niah_single"], [args.short_len], seed)
+    if short:
+        return f"--short-len: the short evaluation's {misfit_message(short)}"
+    misfits = text_task_misfits(suite, args.tasks or TEXT_TASKS, args.eval_lengths, seed)
+    if args.tasks is None:
+        args.tasks = [t for t in TEXT_TASKS if t not in misfits]
+        if misfits:
+            log(f"--tasks: dropped {', '.join(misfits)} from the default: --eval-lengths {misfit_message(misfits)}")
+        if not args.tasks:
+            return f"--eval-lengths: no text task fits {args.eval_lengths}"
+    elif misfits:
+        return (f"--tasks / --eval-lengths: {misfit_message(misfits)}; drop the task from --tasks or raise "
+                "--eval-lengths")
+    log(f"text suite: {', '.join(args.tasks)} at {args.eval_lengths} (every pair checked on {args.data})")
+    return None
+
+
+def epoch_steps(args: argparse.Namespace) -> dict[str, float]:
+    """Optimizer steps of one pass over the training split of the prepared data: ``pretrain`` (--short-len x
+    --pretrain-batch) and ``cpt`` (--cpt-len x --cpt-batch), from the same split as the runs'."""
+    from omegaconf import OmegaConf
+
+    from spla_lit.data.tokens import TokenDataModule
+
+    split_seed = OmegaConf.load(ROOT / "conf" / "data" / "tokens.yaml").split_seed
+    out = {}
+    for stage, length, batch in (("pretrain", args.short_len, args.pretrain_batch), ("cpt", args.cpt_len,
+                                                                                     args.cpt_batch)):
+        data = TokenDataModule(str(args.data / "tokens"), seq_len=length, batch_size=1,
+                               val_fraction=args.val_fraction, split_seed=split_seed)
+        out[stage] = data.train_dataset.num_windows / batch
+    return out
+
+
+def epoch_check(args: argparse.Namespace, log: Log, stages: list[str]) -> None:
+    """Log the passes over the training split that ``stages`` (pretrain, cpt) will take; a WARNING above
+    --pretrain-max-epochs / --cpt-max-epochs (past them val/loss rose: the corpus is small)."""
+    per_epoch = epoch_steps(args)
+    for stage in stages:
+        steps, cap = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_max_epochs")
+        epochs = steps / per_epoch[stage]
+        log(f"{stage}: {steps} steps = {epochs:.2f} epochs of the training split ({per_epoch[stage]:.0f} steps each)")
+        if epochs > cap:
+            log(f"WARNING: --{stage}-steps {steps} is {epochs:.1f} epochs, above --{stage}-max-epochs {cap} "
+                f"({int(cap * per_epoch[stage])} steps): the model will likely overfit the corpus")
+
+
+def pick_checkpoint(run: Path, log: Log, which: str = "best") -> tuple[Path, int | None, dict[str, Any]]:
+    """The checkpoint of a training run to export or evaluate: with ``best`` the ``step<N>.ckpt`` of the lowest
+    val/loss (the pretraining saves one per validation, a CPT run only its best), else (or when missing)
+    ``last.ckpt``; its step; and the run's training summary (``run_record``'s ``train``) at its final step."""
+    from spla_lit.eval.study import val_curve
 
     last = run / "checkpoints" / "last.ckpt"
+    train = final_train_summary(run)
     if which == "best":
-        curve = val_curve(run_record(run, arm="base")["train"].get("val_history") or [])
+        curve = val_curve(train.get("val_history") or [])
         if curve is not None:
             ckpt = run / "checkpoints" / f"step{curve['best_step']:06d}.ckpt"
             if ckpt.is_file():
-                log(f"base: step {curve['best_step']} (val/loss {curve['best']:.4f}; final {curve['final']:.4f} at "
-                    f"step {curve['final_step']}; last-quarter drop {100 * (curve['last_quarter_drop'] or 0):.2f}%)")
-                return ckpt, curve["best_step"]
-            log(f"base: no checkpoint at the best step {curve['best_step']} ({ckpt.name}): exporting last.ckpt")
-    return last, None
+                log(f"{run.name}: step {curve['best_step']} (val/loss {curve['best']:.4f}; final {curve['final']:.4f} "
+                    f"at step {curve['final_step']}; last-quarter drop {100 * (curve['last_quarter_drop'] or 0):.2f}%)")
+                return ckpt, curve["best_step"], train
+            log(f"{run.name}: no checkpoint at the best step {curve['best_step']} ({ckpt.name}): last.ckpt")
+    return last, train.get("global_step"), train
+
+
+def final_train_summary(run: Path) -> dict[str, Any]:
+    """``run_record(run)["train"]`` at the run's final step. run_record takes the step from ``<run>/eval``'s results
+    when there are some: the evaluated checkpoint's, an earlier one for a best-val evaluation, which would count
+    fewer tokens and call the run cut; here the step is last.ckpt's, whatever was evaluated."""
+    import torch
+
+    from spla_lit.eval.study import run_record
+
+    train = run_record(run, arm=run.name)["train"]
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file() or "global_step" not in train:
+        return train
+    step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    if step != train["global_step"]:  # counted as run_record's summary counts them, at the final step
+        tokens = train["tokens"] and train["tokens"] // max(1, train["global_step"]) * step
+        train.update(global_step=step, tokens=tokens,
+                     status="ok" if train.get("max_steps") is None or step >= train["max_steps"] else "cut",
+                     tokens_per_s=tokens / train["wall_s"] if tokens and train.get("wall_s") else None)
+    return train
 
 
 def scalar_stats(run: Path) -> dict[str, Any]:
@@ -344,37 +469,95 @@ def scalar_stats(run: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ probe
 
 
+def eval_seconds(timing: dict[str, float], num_samples: int) -> float:
+    """Seconds of one run's evaluations (long + short) at ``num_samples`` per task and length, from a probe's
+    ``{"suite_s", "rest_s", "probe_samples"}``: the suite's time scales with the samples, the rest (perplexity,
+    fidelity, start-up, loading) does not."""
+    return timing["suite_s"] * num_samples / timing["probe_samples"] + timing["rest_s"]
+
+
+def _capped(args: argparse.Namespace, stage: str, steps: int, epoch_steps: dict[str, float] | None
+            ) -> tuple[int, float | None]:
+    """``steps`` capped at --<stage>-max-epochs passes over the training split (``epoch_steps[stage]`` steps
+    each; None: no cap), and the passes they make."""
+    if not epoch_steps:
+        return steps, None
+    per_epoch = epoch_steps[stage]
+    steps = min(steps, int(getattr(args, f"{stage}_max_epochs") * per_epoch))
+    return steps, steps / per_epoch
+
+
 def suggest(args: argparse.Namespace, pre: dict[str, Any], cpt: dict[str, dict[str, Any]],
-            evals: dict[str, dict[str, float]], concurrency: dict[str, int], margin_s: float = 30.0) -> dict[str, Any]:
+            evals: dict[str, dict[str, float]], concurrency: dict[str, int], margin_s: float = 30.0,
+            epoch_steps: dict[str, float] | None = None, num_samples: int | None = None) -> dict[str, Any]:
     """Steps that fit ``args.budget_s`` per call, from the probe's rates.
 
     ``pre`` / ``cpt[arm]``: ``tokens_per_s`` and ``startup_s`` of the pretraining probe and of each arm's CPT probe
-    runs (all CPT runs at once, as in the study); ``evals[arm]``: ``scaled_s``, the seconds one run's evaluations
-    would take with --num-samples (the probe's suite time scaled by num_samples / probe samples), measured with
-    ``concurrency["probe_eval"]`` evaluations per GPU, scaled to ``concurrency["eval"]`` (the study's). Call 1
-    pretrains, exports and evaluates the base; call 2 trains and evaluates the CPT runs: the slowest arm sets the
-    CPT step count (every arm trains the same tokens)."""
-    out: dict[str, Any] = {"budget_s": args.budget_s, "margin_s": margin_s}
+    runs (all CPT runs at once, as in the study); ``evals[arm]``: one run's evaluation time by parts
+    (:func:`eval_seconds`; at ``num_samples``, default --num-samples), measured with ``concurrency["probe_eval"]``
+    evaluations per GPU, scaled to ``concurrency["eval"]`` (the study's). Call 1 pretrains, exports and evaluates
+    the base; call 2 trains and evaluates the CPT runs: the slowest arm sets the CPT step count (every arm trains
+    the same tokens). ``epoch_steps`` (:func:`epoch_steps`): the step counts are capped at --pretrain-max-epochs /
+    --cpt-max-epochs passes over the training split (the time left unused)."""
+    n = num_samples or args.num_samples
+    out: dict[str, Any] = {"budget_s": args.budget_s, "margin_s": margin_s, "num_samples": n}
     eval_scale = max(1.0, concurrency["eval"] / max(1, concurrency["probe_eval"]))
-    eval_s = max((e["scaled_s"] for e in evals.values()), default=0.0) * eval_scale
+    eval_s = max((eval_seconds(e, n) for e in evals.values()), default=0.0) * eval_scale
     out["eval_s_estimate"] = eval_s
     if pre.get("tokens_per_s"):
         rate = pre["tokens_per_s"] / (args.pretrain_batch * args.short_len)
-        base_eval = evals.get("dense", {}).get("scaled_s", 0.0)
+        base_eval = eval_seconds(evals["dense"], n) if "dense" in evals else 0.0
         train_s = args.budget_s - margin_s - pre["startup_s"] - 60 - base_eval  # 60: export
-        out["pretrain"] = {"steps_per_s": rate, "train_s": train_s, "steps": max(0, int(train_s * rate)),
-                           "tokens": max(0, int(train_s * rate)) * args.pretrain_batch * args.short_len,
+        steps, epochs = _capped(args, "pretrain", max(0, int(train_s * rate)), epoch_steps)
+        train_s = min(train_s, steps / rate)
+        out["pretrain"] = {"steps_per_s": rate, "train_s": train_s, "steps": steps, "epochs": epochs,
+                           "tokens": steps * args.pretrain_batch * args.short_len,
                            "deadline_s": round(train_s + pre["startup_s"] + 30)}
     rates = {a: c["tokens_per_s"] / (args.cpt_batch * args.cpt_len) for a, c in cpt.items() if c.get("tokens_per_s")}
     if rates:
         slowest = min(rates, key=rates.get)
         startup = max(c.get("startup_s", 0.0) for c in cpt.values())
         train_s = args.budget_s - margin_s - startup - eval_s
-        steps = max(0, int(train_s * rates[slowest]))
-        out["cpt"] = {"steps_per_s": rates, "slowest": slowest, "train_s": train_s, "steps": steps,
+        steps, epochs = _capped(args, "cpt", max(0, int(train_s * rates[slowest])), epoch_steps)
+        train_s = min(train_s, steps / rates[slowest])
+        out["cpt"] = {"steps_per_s": rates, "slowest": slowest, "train_s": train_s, "steps": steps, "epochs": epochs,
                       "tokens_per_run": steps * args.cpt_batch * args.cpt_len,
                       "deadline_s": round(train_s + startup + 30), "eval_deadline_s": round(eval_s * 1.2 + 30)}
     return out
+
+
+def size_from_probe(args: argparse.Namespace, probe: dict[str, Any], eval_share: float = EVAL_SHARE) -> dict[str, Any]:
+    """--size: :func:`suggest` for one call of --budget-s that trains and evaluates the CPT runs of --arms x --seeds
+    on --gpus (default: the probe's GPU count), from a probe's ``probe.json``; --num-samples lowered in steps of 5
+    until the evaluation takes at most ``eval_share`` of the budget."""
+    inputs = probe.get("inputs")
+    if not inputs:
+        raise SystemExit("--size: the probe JSON has no 'inputs' (written by a probe of this launcher version)")
+    n_gpus = len(args.gpus.split(",")) if args.gpus else inputs["gpus"]
+    concurrency = {"eval": cdiv(2 * len(args.arms) * len(args.seeds), max(1, n_gpus)),
+                   "probe_eval": inputs["probe_eval"]}
+    candidates = list(range(args.num_samples, 0, -5))
+    n = next((n for n in candidates if suggest(args, {}, {}, inputs["evals"], concurrency, num_samples=n)
+              ["eval_s_estimate"] <= eval_share * args.budget_s), candidates[-1])
+    sizing = suggest(args, {}, inputs["cpt"], inputs["evals"], concurrency, epoch_steps=inputs["epoch_steps"],
+                     num_samples=n)
+    sizing["eval_share"] = sizing["eval_s_estimate"] / args.budget_s
+    return sizing
+
+
+def size_lines(sizing: dict[str, Any]) -> str:
+    """--size's output: a comment, then ``CPT_STEPS=.. CPT_S=.. EVAL_S=.. NSAMP=..`` (``eval "$(...)"`` or
+    ``. file`` in a shell)."""
+    cpt = sizing.get("cpt")
+    if not cpt:
+        raise SystemExit("--size: the probe measured no CPT rate")
+    epochs = "" if cpt["epochs"] is None else f", {cpt['epochs']:.2f} epochs"
+    over = f" (over {EVAL_SHARE:.0%}: fewer runs or tasks?)" if sizing.get("eval_share", 0.0) > EVAL_SHARE else ""
+    return (f"# slowest arm {cpt['slowest']} at {cpt['steps_per_s'][cpt['slowest']]:.3f} steps/s: train "
+            f"{cpt['train_s']:.0f}s{epochs}; evaluation ~{sizing['eval_s_estimate']:.0f}s of {sizing['budget_s']:.0f}s "
+            f"at {sizing['num_samples']} samples{over}\n"
+            f"CPT_STEPS={max(1, cpt['steps'])} CPT_S={max(60, cpt['deadline_s'])} EVAL_S={cpt['eval_deadline_s']} "
+            f"NSAMP={sizing['num_samples']}\n")
 
 
 def probe_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizing: dict[str, Any]) -> str:
@@ -395,13 +578,19 @@ def probe_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizing:
                      num(r.get("wall_s"), ".0f"), num(r.get("startup_s"), ".0f"), num(r.get("eval_scaled_s"), ".0f")]
                     for r in rows]), "", "## Suggestion", ""]
     pre, cpt = sizing.get("pretrain"), sizing.get("cpt")
+    def epochs(part: dict[str, Any], flag: str) -> str:
+        return "" if part["epochs"] is None else f", {part['epochs']:.2f} epochs (at most {flag})"
+
     if pre:
         lines.append(f"- call 1 (`--until pretrain`): `--pretrain-steps {pre['steps']} --pretrain-s "
-                     f"{pre['deadline_s']}` ({pre['tokens'] / 1e6:.0f}M tokens at {pre['steps_per_s']:.1f} steps/s).")
+                     f"{pre['deadline_s']}` ({pre['tokens'] / 1e6:.0f}M tokens at {pre['steps_per_s']:.1f} steps/s"
+                     f"{epochs(pre, f'--pretrain-max-epochs {args.pretrain_max_epochs}')}).")
     if cpt:
         lines.append(f"- call 2 (`--base ...`): `--cpt-steps {cpt['steps']} --cpt-s {cpt['deadline_s']} --eval-s "
-                     f"{cpt['eval_deadline_s']}` ({cpt['tokens_per_run'] / 1e6:.0f}M tokens per run; slowest arm "
-                     f"{cpt['slowest']}; evaluation ~{sizing['eval_s_estimate']:.0f} s).")
+                     f"{cpt['eval_deadline_s']}` ({cpt['tokens_per_run'] / 1e6:.0f}M tokens per run"
+                     f"{epochs(cpt, f'--cpt-max-epochs {args.cpt_max_epochs}')}; slowest arm {cpt['slowest']}; "
+                     f"evaluation ~{sizing['eval_s_estimate']:.0f} s at {sizing['num_samples']} samples; `--size "
+                     "probe.json --budget-s B` sizes another call).")
     if not (pre or cpt):
         lines.append("- no rate measured: see launcher.log.")
     return "\n".join(lines) + "\n"
@@ -417,7 +606,8 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
                        deadline_s=args.pretrain_s)
     pre.argv += ["callbacks.model_checkpoint=null"]
     assign_gpus([pre], gpus)
-    runs = cpt_jobs(args, run_root, max(1, cpus // n_cpt), impl, args.base, args.probe_steps, prefix="probe_")
+    runs = cpt_jobs(args, run_root, max(1, cpus // n_cpt), impl, args.base, args.probe_steps, prefix="probe_",
+                    keep_best=False)
     assign_gpus([j for j, _, _ in runs], gpus)
     first = {arm: job for job, arm, seed in runs if seed == args.seeds[0]}
     evals = [e for arm, job in first.items() for e in eval_jobs(args, job, arm, impl,
@@ -434,7 +624,6 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
     evaluated = run_jobs(ready, args.eval_s, log, max_parallel=args.max_parallel)
 
     rows, cpt_rates, eval_s = [], {}, {}
-    scale = args.num_samples / args.probe_eval_samples
     for job, arm, tokens_per_step in [(pre, "dense", args.pretrain_batch * args.short_len)] + \
             [(j, a, args.cpt_batch * args.cpt_len) for j, a, _ in runs]:
         stats = scalar_stats(job.log.parent)
@@ -443,7 +632,7 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
         row = {"name": job.name, "arm": arm, "ok": o.ok, "wall_s": o.wall_s, **stats, "steps_per_s": rate,
                "startup_s": max(0.0, o.wall_s - args.probe_steps / rate) if rate else None}
         if job is not pre and job in first.values():
-            seconds = 0.0
+            timed = eval_s.setdefault(arm, {"suite_s": 0.0, "rest_s": 0.0, "probe_samples": args.probe_eval_samples})
             for name in (job.name, f"{job.name}.eval_short"):
                 res_dir = job.log.parent / ("eval" if name == job.name else "eval_short")
                 timing = json.loads((res_dir / "results.json").read_text())["timing_s"] \
@@ -451,18 +640,22 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
                 suite = sum(v for k, v in timing.items() if k.startswith("ruler"))
                 rest = sum(v for k, v in timing.items() if not k.startswith("ruler"))
                 wall = evaluated[name].wall_s if name in evaluated else 0.0
-                seconds += (suite * scale + rest + max(0.0, wall - suite - rest)) if timing else wall
-            row["eval_scaled_s"] = eval_s.setdefault(arm, {"scaled_s": seconds})["scaled_s"]
+                timed["suite_s"] += suite
+                timed["rest_s"] += max(rest, wall - suite) if timing else wall  # rest + start-up and loading
+            row["eval_scaled_s"] = eval_seconds(timed, args.num_samples)
         if job is not pre and rate:
             cpt_rates.setdefault(arm, []).append(row)
         rows.append(row)
     cpt = {a: {"tokens_per_s": min(r["tokens_per_s"] for r in rs), "startup_s": max(r["startup_s"] for r in rs)}
            for a, rs in cpt_rates.items()}
     per_gpu = max(1, len(gpus))
-    sizing = suggest(args, rows[0] if rows[0]["steps_per_s"] else {}, cpt, eval_s,
-                     {"eval": cdiv(2 * n_cpt, per_gpu), "probe_eval": cdiv(2 * len(first), per_gpu)})
-    write_json({"rows": rows, "suggestion": sizing, "args": {k: str(v) for k, v in vars(args).items()}},
-               args.out / "probe.json")
+    pre_rate = {k: rows[0][k] for k in ("tokens_per_s", "startup_s")} if rows[0]["steps_per_s"] else {}
+    inputs = {"pre": pre_rate, "cpt": cpt, "evals": eval_s, "epoch_steps": epoch_steps(args), "gpus": per_gpu,
+              "probe_eval": cdiv(2 * len(first), per_gpu)}
+    concurrency = {"eval": cdiv(2 * n_cpt, per_gpu), "probe_eval": inputs["probe_eval"]}
+    sizing = suggest(args, pre_rate, cpt, eval_s, concurrency, epoch_steps=inputs["epoch_steps"])
+    write_json({"rows": rows, "suggestion": sizing, "inputs": inputs,
+                "args": {k: str(v) for k, v in vars(args).items()}}, args.out / "probe.json")
     text = probe_markdown(args, rows, sizing)
     write_text(text, args.out / "probe.md")
     members = [(j.log, f"logs/{j.name}.train.log") for j in [pre] + [j for j, _, _ in runs]]
@@ -475,16 +668,51 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
 # ------------------------------------------------------------------------------------------ main
 
 
+def run_evals(args: argparse.Namespace, job: Job, label: str, impl: str, log: Log, which: str,
+              extra: dict[str, dict[str, Any]]) -> list[Job]:
+    """Phase 3 of one run: :func:`eval_jobs` on its ``which`` checkpoint (:func:`pick_checkpoint`); ``extra[job]``
+    (merged into its record) says which checkpoint and step were evaluated and holds the training summary at the
+    final step; the base's (``label`` base) also says it is the base, exported from that checkpoint."""
+    ckpt, step, train = pick_checkpoint(job.log.parent, log, which)
+    base = {"role": "base", "exported_step": step, "exported_ckpt": ckpt.name} if label == "base" else {}
+    extra[job.name] = {**base, "eval_ckpt": which, "evaluated_ckpt": ckpt.name, "evaluated_step": step,
+                       "train": train}
+    return eval_jobs(args, job, label, impl, ckpt=ckpt)
+
+
+def rebuild_runs(args: argparse.Namespace, run_root: Path, impl: str, log: Log, cpus: int = 1
+                 ) -> tuple[Job | None, list[tuple[Job, str, int]]]:
+    """--eval-only: the pretraining job (when ``run_root/pretrain`` exists) and the CPT jobs of an earlier launch
+    with these flags, rebuilt by name (jobs whose folder is missing are left out, logged), with the launch's CPU
+    thread caps (their evaluations inherit them)."""
+    pre = pretrain_job(args, run_root, cpus, impl, args.pretrain_steps) if (run_root / "pretrain").is_dir() else None
+    threads = max(1, cpus // (len(args.arms) * len(args.seeds)))
+    cpt = cpt_jobs(args, run_root, threads, impl, args.base or run_root / "base", args.cpt_steps)
+    missing = [j.name for j, _, _ in cpt if not j.log.parent.is_dir()]
+    if missing:
+        log(f"--eval-only: no run folder for {', '.join(missing)} in {run_root} (other --arms / --seeds than the "
+            f"launch?); there: {', '.join(sorted(p.name for p in run_root.iterdir() if p.is_dir()))}")
+    return pre, [(j, a, s) for j, a, s in cpt if j.log.parent.is_dir()]
+
+
 def main(argv: list[str] | None = None) -> int:
     from spla_lit.eval.study import collect_study
 
     args = parse_args(argv)
+    if args.size is not None:
+        print(size_lines(size_from_probe(args, json.loads(args.size.read_text()))), end="")
+        return 0
     log, run_root, gpus, impl = start(args, "study_b")
+    if args.eval_only is not None:
+        run_root = args.eval_only.resolve()
     cpus = os.cpu_count() or 1
     log(f"stage B: data {args.data}, runs in {run_root}, GPUs [{','.join(gpus) or 'none'}], impl {impl}; short "
         f"{args.short_len}, CPT {args.cpt_len} (block {args.block_size}, topk {args.topk}), eval {args.eval_lengths}")
     log_setup(log, gpus)
 
+    if args.eval_only is not None and not data_ready(args.data):
+        log(f"--eval-only: {args.data} holds no prepared data (the launch's --data); nothing runs")
+        return 1
     if not data_ready(args.data) or args.until == "data":
         jobs = data_jobs(args, run_root, cpus)
         log(f"phase 0: data into {args.data} ({', '.join(j.name for j in jobs)}), deadline {args.data_s:.0f}s")
@@ -496,19 +724,35 @@ def main(argv: list[str] | None = None) -> int:
         log(f"phase 0: {args.data} is incomplete; nothing else runs")
         return 1
     heldout_check(args, log)
+    problem = fit_tasks(args, log)
+    if problem:
+        log(f"ERROR {problem}; nothing else runs")
+        return 2
     if args.until == "data":
         sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in args.data.iterdir()}
         log(f"data ready: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(sizes.items()))}")
         return 0
     if args.probe:
         return run_probe(args, run_root, gpus, impl, log)
+    if args.eval_only is None:
+        epoch_check(args, log, [s for s, runs in (("pretrain", args.base is None), ("cpt", args.until == "cpt"))
+                                if runs])
 
     phases: list[tuple[str, list[Job]]] = []
     runs: list[tuple[Job, str, int | None]] = []
     extra: dict[str, dict[str, Any]] = {}
     trained, evals = {}, []
     base = args.base.resolve() if args.base else None
-    if base is None:
+    if args.eval_only is not None:
+        pre, cpt = rebuild_runs(args, run_root, impl, log, cpus)
+        log(f"--eval-only: phases 0-2 skipped; {len(cpt)} CPT runs{' and the pretraining' if pre else ''} of "
+            f"{run_root} (training outcomes: what the run folders say)")
+        if pre is not None:
+            runs.append((pre, "base", None))
+            evals += run_evals(args, pre, "base", impl, log, args.export, extra)
+        runs += cpt
+        evals += [e for job, arm, _ in cpt for e in run_evals(args, job, arm, impl, log, args.eval_ckpt, extra)]
+    elif base is None:
         pre = pretrain_job(args, run_root, cpus, impl, args.pretrain_steps)
         assign_gpus([pre], gpus)
         phases.append(("pretraining", [pre]))
@@ -516,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"phase 1: pretraining, {args.pretrain_steps} steps at {args.short_len} tokens, deadline "
             f"{args.pretrain_s:.0f}s")
         trained.update(run_jobs([pre], args.pretrain_s, log))
-        ckpt, step = best_checkpoint(pre.log.parent, log, args.export)
+        ckpt, _, _ = pick_checkpoint(pre.log.parent, log, args.export)
         if not ckpt.is_file():
             log("phase 1 failed: no checkpoint; nothing else runs")
             return 1
@@ -529,23 +773,21 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
         log(f"phase 1 done at {log.elapsed():.0f}s: base {base} ({size / 2**20:.1f} MiB, {args.base_dtype})")
         runs.append((pre, "base", None))
-        extra[pre.name] = {"role": "base", "exported_step": step, "exported_ckpt": ckpt.name}
-        evals += eval_jobs(args, pre, "base", impl, ckpt=ckpt)
+        evals += run_evals(args, pre, "base", impl, log, args.export, extra)  # the exported checkpoint
 
-    if args.until == "cpt":
+    if args.until == "cpt" and args.eval_only is None:
         cpt = cpt_jobs(args, run_root, max(1, cpus // (len(args.arms) * len(args.seeds))), impl, base,
                        args.cpt_steps)
         assign_gpus([j for j, _, _ in cpt], gpus)
         phases.append(("continual pretraining (all at once)", [j for j, _, _ in cpt]))
-        evals += [e for job, arm, _ in cpt for e in eval_jobs(args, job, arm, impl)]
-        write_commands(args.out / "commands.sh", phases + [("evaluation", evals)])
+        write_commands(args.out / "commands.sh", phases)
         log(f"phase 2: {len(cpt)} CPT runs ({len(args.arms)} arms x seeds {args.seeds}) from {base}, "
             f"{args.cpt_steps} steps at {args.cpt_len} tokens, deadline {args.cpt_s:.0f}s")
         trained.update(run_jobs([j for j, _, _ in cpt], args.cpt_s, log, max_parallel=args.max_parallel))
         log(f"phase 2 done at {log.elapsed():.0f}s: {sum(trained[j.name].ok for j, _, _ in cpt)}/{len(cpt)} ok")
         runs += cpt
-    else:
-        write_commands(args.out / "commands.sh", phases + [("evaluation", evals)])
+        evals += [e for job, arm, _ in cpt for e in run_evals(args, job, arm, impl, log, args.eval_ckpt, extra)]
+    write_commands(args.out / "commands.sh", phases + [("evaluation", evals)])
 
     ready = [e for e in evals if Path(e.argv[2].split("=", 1)[1]).is_file()]
     for e in ready:  # spread the evaluations over the GPUs in their own order (two per run)

@@ -28,7 +28,7 @@ from .perplexity import PositionBucketLoss, token_losses
 from .progress import EvalProgress
 from .report import eval_markdown, plot_accuracy, write_json
 from .ruler import autocast, check_disjoint, check_tasks, heldout_seed, ruler_seed, run_suite
-from .text_tasks import DECODES, HeldoutWindows, run_text_suite
+from .text_tasks import DECODES, HeldoutWindows, check_text_tasks, run_text_suite, text_suite
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for task, kwargs in _plain(cfg.task_kwargs).items():
         task_kwargs[task] = {**task_kwargs.get(task, {}), **(kwargs or {})}
     text = is_text_run(tcfg)
-    if not text:
+    if text:  # every (task, length) pair, before anything is evaluated
+        suite = text_suite(tcfg.data, tcfg.get("tokenizer"))
+        check_text_tasks(suite, tasks, lengths, ruler_seed(cfg.seed))
+    else:
         check_tasks(tasks, lengths, tcfg.data.vocab_size, task_kwargs)
     label = cfg.label or model_label(tcfg)
     n_params = loaded.net.num_parameters() if hasattr(loaded.net, "num_parameters") else None
@@ -212,7 +215,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     loaded.net, tasks, lengths, num_samples, ruler_seed(cfg.seed), data_cfg=tcfg.data,
                     tokenizer=tcfg.get("tokenizer"), batch_size=cfg.batch_size,
                     max_batch_tokens=cfg.max_batch_tokens, device=device, decode=decode,
-                    autocast=lambda: autocast(device, precision), log=log)
+                    autocast=lambda: autocast(device, precision), log=log, suite=suite)
             else:
                 results[key] = run_suite(
                     loaded.net, tasks, lengths, num_samples, cfg.seed, batch_size=cfg.batch_size,

@@ -84,8 +84,8 @@ class TextTasks:
         head, tail = self.encode(intro), self.encode(question)
         n_fill = budget - len(head) - len(tail) - sum(map(len, inserts))
         if n_fill < 0:
-            raise ConfigError(f"lengths: {length} tokens are too few for task {task!r} (its text alone needs "
-                              f"{budget - n_fill + 1})")
+            raise ConfigError(f"lengths: {length} tokens are too few for task {task!r} (this sample needs "
+                              f"{length - n_fill})")
         fill = self.filler(rng, n_fill)
         points = np.sort(rng.integers(0, n_fill + 1, size=len(inserts))).tolist()
         body, last = [], 0
@@ -152,18 +152,32 @@ class TextTasks:
         longest = max(probe) + 2
         budget = length + 1 - len(intro) - len(question) - (1 + longest * k)  # the answer's room, at most
         n_items = max(0, budget) * len(probe) // sum(probe)
-        if common:
-            head = [COMMON_RATIO] * k
-        else:
-            head = [n_items // (2 * r * r) for r in range(1, n_items + 1) if n_items // (2 * r * r) >= 2]
+
+        def counts(n: int) -> list[int]:  # how often each top word appears among ``n`` items
+            if common:
+                return [COMMON_RATIO] * k
+            return [n // (2 * r * r) for r in range(1, n + 1) if n // (2 * r * r) >= 2]
+
+        head = counts(n_items)
         if n_items < sum(head) + 2 * k or len(head) < k:
             raise ConfigError(f"lengths: {length} tokens are too few for task {task!r}")
         words = _words(rng, len(head) + n_items, letters, sizes)
         ids = {w: self.encode(" " + w) for w in words[:len(head)]}
-        items = [w for w, count in zip(words, head) for _ in range(count)]
-        used = sum(len(ids[w]) for w in items)
-        if used > budget:
+
+        def tokens(head: list[int]) -> int:
+            return sum(count * len(ids[w]) for w, count in zip(words, head))
+
+        used = tokens(head)
+        # top words longer in tokens than the probe's average: the Zipf counts of fewer items (frequent_words;
+        # the first word alone is half the items), so that the sample fits whatever its words
+        n = n_items
+        while used > budget and not common and len(head) >= k:
+            n = min(n - 1, n * budget // used)
+            head = counts(n)
+            used = tokens(head)
+        if used > budget or len(head) < k:
             raise ConfigError(f"lengths: {length} tokens are too few for task {task!r}")
+        items = [w for w, count in zip(words, head) for _ in range(count)]
         for w in words[len(head):]:  # words that appear once, while they fit
             ids[w] = self.encode(" " + w)
             if used + len(ids[w]) > budget:
@@ -215,6 +229,73 @@ class TextTaskDataset(Dataset):
         mask[len(prompt):] = True
         return {"input_ids": tokens[:-1], "labels": tokens[1:], "answer_mask": mask[1:],
                 "prompt_len": torch.tensor(len(prompt))}
+
+
+def _fits(suite: TextTasks, task: str, length: int, seeds: Iterable[list[int]]) -> bool:
+    """Whether the samples of ``seeds`` (``default_rng`` seeds) of ``task`` fit in ``length`` tokens."""
+    try:
+        for seed in seeds:
+            suite.sample(task, length, np.random.default_rng(seed))
+    except ConfigError as e:
+        if not str(e).startswith("lengths:"):
+            raise
+        return False
+    return True
+
+
+def shortest_text_length(suite: TextTasks, task: str, probes: int = 4, longest: int = 1 << 20) -> int | None:
+    """About the smallest length (tokens) that ``task``'s samples fit in: the smallest that ``probes`` fixed samples
+    fit (doubling, then bisection; samples vary, so a length just above it may still fail for some); None when
+    even ``longest`` does not."""
+    seeds = [[TEXT_TASKS.index(task), i] for i in range(probes)]
+    high = 16
+    while not _fits(suite, task, high, seeds):
+        if high >= longest:
+            return None
+        high *= 2
+    low = high // 2  # fails (or is below the first try)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _fits(suite, task, mid, seeds) else (mid, high)
+    return high
+
+
+def text_task_misfits(suite: TextTasks, tasks: Iterable[str], lengths: Iterable[int], seed: int,
+                      probes: int = 2) -> dict[str, tuple[list[int], int | None]]:
+    """The tasks whose first ``probes`` samples (of eval seed stream ``seed``, exactly as :class:`TextTaskDataset`
+    draws them) do not fit some of ``lengths``: ``{task: (the lengths too short, about the shortest that fits
+    (:func:`shortest_text_length`))}``; empty when every (task, length) pair fits. Unknown tasks raise."""
+    tasks, lengths = list(tasks), list(lengths)
+    unknown = [t for t in tasks if t not in TEXT_TASKS]
+    if unknown:
+        raise ConfigError(f"tasks: {unknown} have no text form; text checkpoints run {', '.join(TEXT_TASKS)}")
+    out = {}
+    for task in tasks:
+        short = [n for n in lengths
+                 if not _fits(suite, task, n, [[seed, TEXT_TASKS.index(task), n, i] for i in range(probes)])]
+        if short:
+            out[task] = (short, shortest_text_length(suite, task))
+    return out
+
+
+def misfit_message(misfits: dict[str, tuple[list[int], int | None]]) -> str:
+    """One clause per task of :func:`text_task_misfits`' result."""
+    return "; ".join(f"{', '.join(map(str, short))} tokens are too few for task {task!r} (it needs about "
+                     f"{'more than 1M' if need is None else need})" for task, (short, need) in misfits.items())
+
+
+def check_text_tasks(suite: TextTasks, tasks: Iterable[str], lengths: Iterable[int], seed: int,
+                     probes: int = 2) -> None:
+    """Fail fast, before anything is evaluated, naming ``lengths`` and ``tasks``, when a task's samples do not fit
+    a length (:func:`text_task_misfits`)."""
+    misfits = text_task_misfits(suite, tasks, lengths, seed, probes)
+    if misfits:
+        raise ConfigError(f"lengths: {misfit_message(misfits)}; raise lengths or drop the task from tasks")
+
+
+def text_suite(data_cfg: Any, tokenizer: str | None) -> TextTasks:
+    """The text suite of a run: its tokenizer folder and the held-out documents of its token data."""
+    return TextTasks(load_tokenizer_encode(tokenizer), heldout_stream(data_cfg))
 
 
 @torch.inference_mode()
@@ -312,17 +393,14 @@ class HeldoutWindows(Dataset):
 def run_text_suite(net: nn.Module, tasks: Iterable[str], lengths: Iterable[int], num_samples: int, seed: int, *,
                    data_cfg: Any, tokenizer: str | None, batch_size: int, max_batch_tokens: int | None,
                    device: torch.device, decode: str = "teacher_forced", autocast: Callable[[], Any] | None = None,
-                   log: Any = None) -> dict[str, Any]:
+                   log: Any = None, suite: TextTasks | None = None) -> dict[str, Any]:
     """:func:`spla_lit.eval.ruler.run_suite` for text checkpoints: exact match per (length, task), the per-length
-    mean over tasks, ``overall``; plus ``decode``."""
-    tasks = list(tasks)
-    unknown = [t for t in tasks if t not in TEXT_TASKS]
-    if unknown:
-        raise ConfigError(f"tasks: {unknown} have no text form; text checkpoints run {', '.join(TEXT_TASKS)}")
-    suite = TextTasks(load_tokenizer_encode(tokenizer), heldout_stream(data_cfg))
-    lengths = list(lengths)
-    for task in tasks:  # a length too short for a task fails now, not after the others ran
-        suite.sample(task, min(lengths), np.random.default_rng(0))
+    mean over tasks, ``overall``; plus ``decode``. ``suite``: the run's :func:`text_suite` already checked by
+    :func:`check_text_tasks` (None: built and checked here)."""
+    tasks, lengths = list(tasks), list(lengths)
+    if suite is None:  # a length too short for a task fails now, not after the others ran
+        suite = text_suite(data_cfg, tokenizer)
+        check_text_tasks(suite, tasks, lengths, seed)
     per_task: dict[str, dict[str, float]] = {}
     for length in lengths:
         rows = batch_size if not max_batch_tokens else max(1, min(batch_size, max_batch_tokens // length))

@@ -4,18 +4,38 @@ tables from fake records. Fast only: the end-to-end CPU dry run (--tiny) is run 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from hydra_utils import ROOT
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "study"))
 
+import stage_b  # noqa: E402
 from _launch import split_file  # noqa: E402
-from stage_b import ARMS, RESIDUAL_ARMS, cpt_jobs, data_jobs, eval_jobs, parse_args, pretrain_job, suggest  # noqa: E402
+from stage_b import (  # noqa: E402
+    ARMS,
+    RESIDUAL_ARMS,
+    cpt_jobs,
+    data_jobs,
+    epoch_check,
+    epoch_steps,
+    eval_jobs,
+    eval_seconds,
+    fit_tasks,
+    parse_args,
+    pretrain_job,
+    rebuild_runs,
+    size_from_probe,
+    suggest,
+)
 
+from spla_lit.data.tokens import TokenDataModule  # noqa: E402
 from spla_lit.eval.study import aggregate, run_record, study_markdown, val_curve  # noqa: E402
+from spla_lit.eval.text_tasks import TEXT_TASKS, shortest_text_length, text_suite  # noqa: E402
 
 
 def _args(tmp_path: Path, *extra: str):
@@ -99,8 +119,10 @@ def test_cpt_runs_are_arm_major_from_the_base_with_the_same_data_per_seed(tmp_pa
     runs = cpt_jobs(a, tmp_path / "runs", 1, "auto", base, a.cpt_steps)
     assert [(arm, seed) for _, arm, seed in runs] == [(arm, s) for arm in ARMS for s in (1, 2, 3)]
     for job, arm, seed in runs:
-        assert {"experiment=cpt", f"+variant={arm}", f"seed={seed}", f"init_from={base}",
-                "callbacks.model_checkpoint=null"} <= set(job.argv)
+        assert {"experiment=cpt", f"+variant={arm}", f"seed={seed}", f"init_from={base}"} <= set(job.argv)
+        # the best val/loss kept (one checkpoint, saved after its validation) beside train.py's last.ckpt
+        assert {"++callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.save_top_k=1",
+                "callbacks.model_checkpoint.every_n_train_steps=null"} <= set(job.argv)
         assert _value(job.argv, "data.seq_len") == "4096" and _value(job.argv, "sparse.topk") == "8"
         assert _value(job.argv, "optim.freeze_pretrained_steps") == ("50" if arm in RESIDUAL_ARMS else "0")
         assert job.log.parent.name == job.name and job.name.endswith(f"_{arm}_s{seed}")
@@ -113,9 +135,10 @@ def test_cpt_runs_are_arm_major_from_the_base_with_the_same_data_per_seed(tmp_pa
         by_seed.setdefault(seed, set()).add(tuple(data_args(job)))
     assert all(len(v) == 1 for v in by_seed.values())
     # the probe without a base: random init of the base's sizes, its tokenizer named
-    probe = cpt_jobs(a, tmp_path / "runs", 1, "auto", None, 40, prefix="probe_")
+    probe = cpt_jobs(a, tmp_path / "runs", 1, "auto", None, 40, prefix="probe_", keep_best=False)
     argv = probe[0][0].argv
     assert {"init_from_required=false", "optim.freeze_pretrained_steps=0"} <= set(argv)
+    assert "callbacks.model_checkpoint=null" in argv  # the probe keeps last.ckpt only
     assert not any(x.startswith("init_from=") for x in argv) and _value(argv, "model.d_model") == "384"
     assert probe[0][0].name.startswith("probe_00_dense")
 
@@ -137,6 +160,36 @@ def test_each_run_gets_a_long_generated_evaluation_and_a_short_perplexity(tmp_pa
     assert _value(eval_jobs(a, job, "base", "auto", ckpt=ckpt)[1].argv, "ckpt_path") == str(ckpt)
 
 
+def test_tasks_and_eval_lengths_are_checked_on_the_prepared_data_before_any_job(tmp_path, prepared, tokenizer_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer").symlink_to(tokenizer_dir)
+    (data / "tokens").symlink_to(prepared)
+    suite = text_suite(OmegaConf.create({"path": str(prepared), "seq_len": 64, "val_fraction": 0.05,
+                                         "split_seed": 0}), str(tokenizer_dir))
+    need = {t: shortest_text_length(suite, t) for t in TEXT_TASKS}
+    short = need["niah_single"] + 8  # niah_single fits, the longest task does not
+    longest = max(need, key=need.get)
+    assert need[longest] > short + 8
+    sizes = ["--short-len", str(short), "--cpt-len", "1024", "--block-size", "32"]  # the corpus: 2880 tokens
+    lines = []
+    a = _args(tmp_path, *sizes, "--eval-lengths", str(short), "1024")
+    assert a.tasks is None and fit_tasks(a, lines.append) is None
+    assert "niah_single" in a.tasks and longest not in a.tasks  # (near the edge samples vary: a margin of 8)
+    assert any(line.startswith("--tasks: dropped ") for line in lines)
+    a = _args(tmp_path, *sizes, "--eval-lengths", "1024")
+    assert fit_tasks(a, lines.append) is None and a.tasks == list(TEXT_TASKS)
+    a = _args(tmp_path, *sizes, "--eval-lengths", str(short), "1024", "--tasks", "niah_single", longest)
+    problem = fit_tasks(a, lines.append)
+    assert problem.startswith("--tasks / --eval-lengths: ") and f"too few for task {longest!r}" in problem
+    # main: the same error before any job runs (no run folder made), in the log that comes back
+    argv = ["--out", str(tmp_path / "out"), "--data", str(data), "--device", "cpu", "--workdir",
+            str(tmp_path / "work"), *sizes, "--eval-lengths", str(short), "--tasks", longest]
+    assert stage_b.main(argv) == 2
+    assert not (tmp_path / "work").exists()
+    assert "ERROR --tasks / --eval-lengths" in (tmp_path / "out" / "launcher.log").read_text()
+
+
 def test_split_file_cuts_into_joinable_parts(tmp_path):
     data = bytes(range(256)) * 40
     path = tmp_path / "base.tar.gz"
@@ -149,17 +202,90 @@ def test_split_file_cuts_into_joinable_parts(tmp_path):
     assert split_file(small, 10) == [small]
 
 
+def _evals(*seconds: float) -> dict:
+    """Probe evaluation timings (4 samples) whose total at 100 samples is ``seconds``, half of it the suite's."""
+    return {arm: {"suite_s": t / 50, "rest_s": t / 2, "probe_samples": 4}
+            for arm, t in zip(("dense", "taylor2"), seconds)}
+
+
 def test_suggest_sizes_both_calls_from_the_probe_rates(tmp_path):
     a = _args(tmp_path, "--budget-s", "540")
     pre = {"tokens_per_s": 10 * 32 * 1024, "startup_s": 40.0}  # 10 steps/s
     cpt = {"dense": {"tokens_per_s": 4 * 4 * 4096, "startup_s": 50.0},   # 4 steps/s
            "taylor2": {"tokens_per_s": 2 * 4 * 4096, "startup_s": 60.0}}  # 2 steps/s: sets the count
-    evals = {"dense": {"scaled_s": 20.0}, "taylor2": {"scaled_s": 30.0}}
+    evals = _evals(20.0, 30.0)
+    assert eval_seconds(evals["taylor2"], 100) == pytest.approx(30.0)
     s = suggest(a, pre, cpt, evals, {"eval": 16, "probe_eval": 2})
-    assert s["eval_s_estimate"] == 30.0 * 8
+    assert s["eval_s_estimate"] == pytest.approx(30.0 * 8)
     assert s["pretrain"]["steps"] == int((540 - 30 - 40 - 60 - 20) * 10)
     assert s["cpt"]["slowest"] == "taylor2" and s["cpt"]["steps"] == int((540 - 30 - 60 - 240) * 2)
-    assert s["cpt"]["tokens_per_run"] == s["cpt"]["steps"] * 4 * 4096
+    assert s["cpt"]["tokens_per_run"] == s["cpt"]["steps"] * 4 * 4096 and s["cpt"]["epochs"] is None
+    # capped at --cpt-max-epochs (2) / --pretrain-max-epochs (10) passes over the training split
+    capped = suggest(a, pre, cpt, evals, {"eval": 16, "probe_eval": 2}, epoch_steps={"pretrain": 100, "cpt": 50})
+    assert capped["cpt"]["steps"] == 100 and capped["cpt"]["epochs"] == 2.0
+    assert capped["cpt"]["deadline_s"] == round(100 / 2 + 60 + 30)
+    assert capped["pretrain"]["steps"] == 1000 and capped["pretrain"]["epochs"] == 10.0
+
+
+def test_size_prints_the_cpt_call_with_the_evaluation_within_its_share(tmp_path, capsys):
+    inputs = {"pre": {}, "cpt": {"dense": {"tokens_per_s": 4 * 4 * 4096, "startup_s": 50.0}},
+              "evals": _evals(60.0), "epoch_steps": {"pretrain": 1000, "cpt": 10_000}, "gpus": 2, "probe_eval": 5}
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"inputs": inputs}))
+    a = _args(tmp_path, "--size", str(probe), "--budget-s", "600", "--arms", "dense", "--seeds", "1", "2")
+    sizing = size_from_probe(a, json.loads(probe.read_text()))
+    # 2 runs on 2 GPUs: 2 evaluations per GPU (<= the probe's 5: no scaling); 60 s at 100 samples fits 40% of 600
+    assert sizing["num_samples"] == 100 and sizing["eval_s_estimate"] == pytest.approx(60.0)
+    tight = size_from_probe(_args(tmp_path, "--size", str(probe), "--budget-s", "100", "--arms", "dense"),
+                            {"inputs": inputs})
+    assert tight["num_samples"] < 100 and tight["eval_s_estimate"] <= 40.0
+    assert stage_b.main(["--size", str(probe), "--budget-s", "600", "--arms", "dense", "--seeds", "1", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    c = sizing["cpt"]
+    assert last == (f"CPT_STEPS={c['steps']} CPT_S={c['deadline_s']} EVAL_S={c['eval_deadline_s']} NSAMP=100")
+    assert c["steps"] == int((600 - 30 - 50 - 60) * 4)
+    with pytest.raises(SystemExit):
+        size_from_probe(a, {"rows": []})  # a probe without the inputs
+
+
+def test_eval_only_rebuilds_the_runs_of_a_launch_by_name(tmp_path, capsys):
+    root = tmp_path / "study_b_2026-11-30_12-00-00"
+    for name in ("pretrain", "00_dense_s1", "01_taylor2_s1"):
+        (root / name).mkdir(parents=True)
+    lines = []
+    a = _args(tmp_path, "--eval-only", str(root), "--arms", "dense", "taylor2", "random", "--seeds", "1")
+    pre, cpt = rebuild_runs(a, root, "auto", lines.append)
+    assert pre.name == "pretrain" and pre.log.parent == root / "pretrain"
+    assert [(j.name, arm, seed) for j, arm, seed in cpt] == [("00_dense_s1", "dense", 1),
+                                                             ("01_taylor2_s1", "taylor2", 1)]
+    assert "02_random_s1" in lines[0]  # its folder is missing: logged, left out
+    shutil.rmtree(root / "pretrain")
+    assert rebuild_runs(a, root, "auto", lines.append)[0] is None
+    for flags in (["--probe"], ["--until", "pretrain"]):
+        with pytest.raises(SystemExit):
+            _args(tmp_path, "--eval-only", str(root), *flags)
+        assert "--eval-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--eval-only", str(tmp_path / "nowhere"))
+
+
+def test_epochs_of_each_stage_are_logged_and_warned_above_the_cap(tmp_path, prepared, tokenizer_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer").symlink_to(tokenizer_dir)
+    (data / "tokens").symlink_to(prepared)
+    a = _args(tmp_path, "--short-len", "128", "--cpt-len", "512", "--block-size", "32", "--pretrain-batch", "2",
+              "--cpt-batch", "1")
+    per_epoch = epoch_steps(a)
+    windows = (TokenDataModule(str(prepared), seq_len=512, val_fraction=0.05).train_dataset.num_windows)
+    assert per_epoch["cpt"] == windows and per_epoch["pretrain"] > per_epoch["cpt"]  # windows of 128, 2 a step
+    a.cpt_steps, a.pretrain_steps = int(2 * windows), int(per_epoch["pretrain"])  # 2 epochs: at the cap, 1: below
+    lines = []
+    epoch_check(a, lines.append, ["pretrain", "cpt"])
+    assert len(lines) == 2 and "= 2.00 epochs" in lines[1]
+    a.cpt_steps += 1
+    epoch_check(a, lines.append, ["cpt"])
+    assert lines[-1].startswith("WARNING: --cpt-steps ") and "--cpt-max-epochs 2.0" in lines[-1]
 
 
 def _suite(value: float, lengths=(4096, 8192)) -> dict:

@@ -23,7 +23,10 @@ from spla_lit.eval.text_tasks import (
     greedy_generate,
     heldout_stream,
     load_tokenizer_encode,
+    run_text_suite,
+    shortest_text_length,
     text_exact_match,
+    text_task_misfits,
 )
 
 tokenizers = pytest.importorskip("tokenizers", reason='the hf extra: pip install "spla[hf]"')
@@ -76,6 +79,55 @@ def test_samples_have_the_length_and_answers_that_follow_from_the_text(suite, de
 def test_too_short_a_length_is_named(suite):
     with pytest.raises(ConfigError, match=r"^lengths: 40 tokens are too few for task 'niah_multikey'"):
         suite.sample("niah_multikey", 40, np.random.default_rng(0))
+
+
+class _Stream:
+    """A held-out stream of ``num_tokens`` zeros."""
+
+    num_tokens = 10_000
+
+    def read(self, start, stop):
+        return np.zeros(stop - start, dtype=np.int64)
+
+
+def _uneven_encode(text):
+    """A word of a to m (and its leading space) is one token, one of n to z four, any other character one: the top
+    words of a list may be much longer in tokens than the list's average."""
+    return [1] * sum(4 if piece.strip() >= "n" else 1 for piece in re.findall(r" ?[a-z]+|.", text, re.S))
+
+
+@pytest.mark.parametrize("task", ["common_words", "frequent_words"])
+def test_word_lists_fit_whatever_their_words(task):
+    # frequent_words' first word is half the items: one longer in tokens than the average failed the sample
+    # ("too few tokens") at any length, 32K included
+    suite = TextTasks(_uneven_encode, _Stream())
+    for length in (1000, 4096):
+        for i in range(12):
+            prompt, answer = suite.sample(task, length, np.random.default_rng([11, i]))
+            assert len(prompt) + len(answer) == length + 1
+
+
+def test_every_task_and_length_is_checked_before_anything_is_evaluated(suite, data_cfg, tokenizer_dir):
+    need = {t: shortest_text_length(suite, t) for t in TEXT_TASKS}
+    assert all(n is not None and 16 < n < LENGTH for n in need.values())
+    short = need["variable_tracking"] - 1  # niah_single fits, variable_tracking does not
+    assert need["niah_single"] <= short
+    assert text_task_misfits(suite, TEXT_TASKS, [LENGTH], seed=5) == {}
+    misfits = text_task_misfits(suite, ["niah_single", "variable_tracking"], [LENGTH, short], seed=5)
+    assert list(misfits) == ["variable_tracking"] and misfits["variable_tracking"][0] == [short]
+    calls = []
+
+    class Net(nn.Module):
+        def forward(self, ids):
+            calls.append(ids.shape)
+            raise AssertionError("evaluated before the check")
+
+    with pytest.raises(ConfigError, match=rf"^lengths: {short} tokens are too few for task 'variable_tracking' "
+                                          r"\(it needs about \d+\).*tasks$"):
+        run_text_suite(Net(), ["niah_single", "variable_tracking"], [LENGTH, short], 2, seed=5, data_cfg=data_cfg,
+                       tokenizer=str(tokenizer_dir), batch_size=2, max_batch_tokens=None,
+                       device=torch.device("cpu"))
+    assert calls == []
 
 
 def test_haystack_and_perplexity_windows_are_held_out_text(suite, data_cfg, prepared):
