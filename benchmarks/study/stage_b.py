@@ -414,10 +414,10 @@ def pick_checkpoint(run: Path, log: Log, which: str = "best") -> tuple[Path, int
     """The checkpoint of a training run to export or evaluate: with ``best`` the ``step<N>.ckpt`` of the lowest
     val/loss (the pretraining saves one per validation, a CPT run only its best), else (or when missing)
     ``last.ckpt``; its step; and the run's training summary (``run_record``'s ``train``) at its final step."""
-    from spla_lit.eval.study import val_curve
+    from spla_lit.eval.study import run_record, val_curve
 
     last = run / "checkpoints" / "last.ckpt"
-    train = final_train_summary(run)
+    train = run_record(run, arm=run.name)["train"]
     if which == "best":
         curve = val_curve(train.get("val_history") or [])
         if curve is not None:
@@ -428,27 +428,6 @@ def pick_checkpoint(run: Path, log: Log, which: str = "best") -> tuple[Path, int
                 return ckpt, curve["best_step"], train
             log(f"{run.name}: no checkpoint at the best step {curve['best_step']} ({ckpt.name}): last.ckpt")
     return last, train.get("global_step"), train
-
-
-def final_train_summary(run: Path) -> dict[str, Any]:
-    """``run_record(run)["train"]`` at the run's final step. run_record takes the step from ``<run>/eval``'s results
-    when there are some: the evaluated checkpoint's, an earlier one for a best-val evaluation, which would count
-    fewer tokens and call the run cut; here the step is last.ckpt's, whatever was evaluated."""
-    import torch
-
-    from spla_lit.eval.study import run_record
-
-    train = run_record(run, arm=run.name)["train"]
-    last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file() or "global_step" not in train:
-        return train
-    step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
-    if step != train["global_step"]:  # counted as run_record's summary counts them, at the final step
-        tokens = train["tokens"] and train["tokens"] // max(1, train["global_step"]) * step
-        train.update(global_step=step, tokens=tokens,
-                     status="ok" if train.get("max_steps") is None or step >= train["max_steps"] else "cut",
-                     tokens_per_s=tokens / train["wall_s"] if tokens and train.get("wall_s") else None)
-    return train
 
 
 def scalar_stats(run: Path) -> dict[str, Any]:
@@ -671,12 +650,11 @@ def run_probe(args: argparse.Namespace, run_root: Path, gpus: list[str], impl: s
 def run_evals(args: argparse.Namespace, job: Job, label: str, impl: str, log: Log, which: str,
               extra: dict[str, dict[str, Any]]) -> list[Job]:
     """Phase 3 of one run: :func:`eval_jobs` on its ``which`` checkpoint (:func:`pick_checkpoint`); ``extra[job]``
-    (merged into its record) says which checkpoint and step were evaluated and holds the training summary at the
-    final step; the base's (``label`` base) also says it is the base, exported from that checkpoint."""
-    ckpt, step, train = pick_checkpoint(job.log.parent, log, which)
+    (merged into its record) says which checkpoint and step were evaluated; the base's (``label`` base) also says
+    it is the base, exported from that checkpoint."""
+    ckpt, step, _ = pick_checkpoint(job.log.parent, log, which)
     base = {"role": "base", "exported_step": step, "exported_ckpt": ckpt.name} if label == "base" else {}
-    extra[job.name] = {**base, "eval_ckpt": which, "evaluated_ckpt": ckpt.name, "evaluated_step": step,
-                       "train": train}
+    extra[job.name] = {**base, "eval_ckpt": which, "evaluated_ckpt": ckpt.name, "evaluated_step": step}
     return eval_jobs(args, job, label, impl, ckpt=ckpt)
 
 

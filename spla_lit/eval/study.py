@@ -223,12 +223,15 @@ def run_record(job_dir: str | Path, arm: str | None = None, seed: int | None = N
     results = _results(job_dir, "eval")
     arm = arm or _override_value(overrides, "variant") or (results or {}).get("model", {}).get("label") or job_dir.name
     seed = seed if seed is not None else config.get("seed")
-    global_step = (results or {}).get("model", {}).get("global_step")
+    # the training summary is at the run's final step (last.ckpt's); the evaluated checkpoint may be an earlier
+    # one (stage B evaluates the best-validation checkpoint): its step is in record["eval"]["model"]
     ckpt = job_dir / "checkpoints" / "last.ckpt"
-    if global_step is None and ckpt.is_file():
+    if ckpt.is_file():
         import torch
 
         global_step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    else:
+        global_step = (results or {}).get("model", {}).get("global_step")
     return {"job": job_dir.name, "arm": arm, "seed": seed, "overrides": overrides, "config": config,
             "train": _train_summary(read_scalars(job_dir), config, global_step), "eval": results,
             **{name: _results(job_dir, name) for name in extra_evals}}

@@ -329,3 +329,26 @@ def test_paired_differences_pair_arms_by_seed_and_reach_the_tables():
     assert s["arms"]["taylor2"]["train"]["val/loss_best_step"]["mean"] == pytest.approx(2.0)
     text = study_markdown(s, records)
     assert "## Paired by seed" in text and "| SPLA taylor2 - dense | best val loss | 2 | 0.0000 ± " in text
+
+
+def test_run_record_trains_to_last_ckpt_when_an_earlier_checkpoint_was_evaluated(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch.utils.tensorboard import SummaryWriter
+
+    job = tmp_path / "00_taylor2_s1"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text("seed: 1\ndata:\n  seq_len: 32\n  batch_size: 4\n"
+                                                "trainer:\n  max_steps: 10\n")
+    with SummaryWriter(str(job / "tensorboard")) as w:
+        for step, loss in ((4, 2.0), (9, 3.0)):  # logged at global_step - 1
+            w.add_scalar("val/loss", loss, step)
+    (job / "checkpoints").mkdir()
+    torch.save({"global_step": 10}, job / "checkpoints" / "last.ckpt")
+    ev = _eval({32: 0.5})
+    ev["model"]["global_step"] = 5  # the best-validation checkpoint was evaluated
+    (job / "eval").mkdir()
+    (job / "eval" / "results.json").write_text(json.dumps(ev))
+    r = run_record(job)
+    assert r["train"]["global_step"] == 10 and r["train"]["status"] == "ok" and r["train"]["tokens"] == 10 * 128
+    assert r["eval"]["model"]["global_step"] == 5
+    assert [h["step"] for h in r["train"]["val_history"]] == [5, 10]
