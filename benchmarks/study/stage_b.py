@@ -348,6 +348,13 @@ def heldout_check(args: argparse.Namespace, log: Log) -> None:
             "--short-ppl-samples: raise --val-fraction or lower them")
 
 
+def runs_split_seed() -> int:
+    """The held-out document split's seed of every run (data=tokens' default: the launcher never overrides it)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(ROOT / "conf" / "data" / "tokens.yaml").split_seed
+
+
 def fit_tasks(args: argparse.Namespace, log: Log) -> str | None:
     """Check ``--tasks`` x ``--eval-lengths`` (and the short evaluation's niah_single at ``--short-len``) on the
     prepared tokenizer and held-out text, as eval.py will (``spla_lit.eval.text_tasks.text_task_misfits``, the eval
@@ -359,9 +366,8 @@ def fit_tasks(args: argparse.Namespace, log: Log) -> str | None:
     from spla_lit.eval.text_tasks import misfit_message, text_suite, text_task_misfits
 
     seed = ruler_seed(OmegaConf.load(ROOT / "conf" / "eval.yaml").seed)  # eval.py's default seed: stage B's
-    split_seed = OmegaConf.load(ROOT / "conf" / "data" / "tokens.yaml").split_seed  # the runs' (not overridden)
     data_cfg = OmegaConf.create({"path": str(args.data / "tokens"), "seq_len": args.cpt_len,
-                                 "val_fraction": args.val_fraction, "split_seed": split_seed})
+                                 "val_fraction": args.val_fraction, "split_seed": runs_split_seed()})
     suite = text_suite(data_cfg, str(args.data / "tokenizer"))
     short = text_task_misfits(suite, ["niah_single"], [args.short_len], seed)
     if short:
@@ -383,12 +389,9 @@ def fit_tasks(args: argparse.Namespace, log: Log) -> str | None:
 def epoch_steps(args: argparse.Namespace) -> dict[str, float]:
     """Optimizer steps of one pass over the training split of the prepared data: ``pretrain`` (--short-len x
     --pretrain-batch) and ``cpt`` (--cpt-len x --cpt-batch), from the same split as the runs'."""
-    from omegaconf import OmegaConf
-
     from spla_lit.data.tokens import TokenDataModule
 
-    split_seed = OmegaConf.load(ROOT / "conf" / "data" / "tokens.yaml").split_seed
-    out = {}
+    out, split_seed = {}, runs_split_seed()
     for stage, length, batch in (("pretrain", args.short_len, args.pretrain_batch), ("cpt", args.cpt_len,
                                                                                      args.cpt_batch)):
         data = TokenDataModule(str(args.data / "tokens"), seq_len=length, batch_size=1,

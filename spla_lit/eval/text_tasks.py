@@ -208,9 +208,14 @@ class TextTasks:
         return prompt, answer
 
 
+def sample_seed(seed: int, task: str, length: int, index: int) -> list[int]:
+    """The ``default_rng`` seed of sample ``index`` of ``task`` at ``length`` in the eval seed stream ``seed``."""
+    return [seed, TEXT_TASKS.index(task), length, int(index)]
+
+
 class TextTaskDataset(Dataset):
     """``num_samples`` samples of one text task at model input length ``length``; item ``i`` drawn from
-    ``default_rng([seed, TEXT_TASKS.index(task), length, i])``. Items as the synthetic suite's: ``input_ids`` /
+    ``default_rng(sample_seed(seed, task, length, i))``. Items as the synthetic suite's: ``input_ids`` /
     ``labels`` long [length], ``answer_mask`` bool [length]; and ``prompt_len``, the answer's first position."""
 
     def __init__(self, tasks: TextTasks, task: str, length: int, num_samples: int, seed: int) -> None:
@@ -222,7 +227,7 @@ class TextTaskDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, TEXT_TASKS.index(self.task), self.seq_len, int(index)])
+        rng = np.random.default_rng(sample_seed(self.seed, self.task, self.seq_len, index))
         prompt, answer = self.tasks.sample(self.task, self.seq_len, rng)
         tokens = torch.tensor(prompt + answer, dtype=torch.long)
         mask = torch.zeros(len(tokens), dtype=torch.bool)
@@ -272,7 +277,7 @@ def text_task_misfits(suite: TextTasks, tasks: Iterable[str], lengths: Iterable[
     out = {}
     for task in tasks:
         short = [n for n in lengths
-                 if not _fits(suite, task, n, [[seed, TEXT_TASKS.index(task), n, i] for i in range(probes)])]
+                 if not _fits(suite, task, n, [sample_seed(seed, task, n, i) for i in range(probes)])]
         if short:
             out[task] = (short, shortest_text_length(suite, task))
     return out
