@@ -563,11 +563,20 @@ def probe_markdown(args: argparse.Namespace, rows: list[dict[str, Any]], sizing:
     def epochs(part: dict[str, Any], flag: str) -> str:
         return "" if part["epochs"] is None else f", {part['epochs']:.2f} epochs (at most {flag})"
 
-    if pre:
+    def too_small(what: str) -> str:  # a budget the start-up and evaluation alone exceed: no negative deadlines
+        return (f"- {what}: nothing fits in --budget-s {sizing['budget_s']:.0f} (start-up, export and the evaluation, "
+                f"~{sizing['eval_s_estimate']:.0f} s at {sizing['num_samples']} samples, take it all); "
+                "`--size probe.json --budget-s B` sizes a call of B seconds.")
+
+    if pre and pre["steps"] <= 0:
+        lines.append(too_small("call 1 (`--until pretrain`)"))
+    elif pre:
         lines.append(f"- call 1 (`--until pretrain`): `--pretrain-steps {pre['steps']} --pretrain-s "
                      f"{pre['deadline_s']}` ({pre['tokens'] / 1e6:.0f}M tokens at {pre['steps_per_s']:.1f} steps/s"
                      f"{epochs(pre, f'--pretrain-max-epochs {args.pretrain_max_epochs}')}).")
-    if cpt:
+    if cpt and cpt["steps"] <= 0:
+        lines.append(too_small("call 2 (`--base ...`)"))
+    elif cpt:
         lines.append(f"- call 2 (`--base ...`): `--cpt-steps {cpt['steps']} --cpt-s {cpt['deadline_s']} --eval-s "
                      f"{cpt['eval_deadline_s']}` ({cpt['tokens_per_run'] / 1e6:.0f}M tokens per run"
                      f"{epochs(cpt, f'--cpt-max-epochs {args.cpt_max_epochs}')}; slowest arm {cpt['slowest']}; "

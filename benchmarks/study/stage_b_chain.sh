@@ -15,13 +15,13 @@
 # Environment: TOTAL seconds from the start to the end of the evaluation (default 1400: a 30-minute session less
 # the machine's start, the calls' transfers and the collection); PRE_STEPS (default 1000: 10 passes over the stdlib
 # corpus, the launcher's --pretrain-max-epochs; the best val/loss came at ~8 on 2026-11-30); DATA (data/stageb,
-# prepared here with `stage_b.py --until data`); EXTRA (more stage_b.py flags for every launch); CPU=1: a dry run
-# on this machine (--tiny --device cpu, no GPU pinning).
+# prepared here with `stage_b.py --until data`); SEEDS (the CPT seeds, default "1 2 3 4 5"); EXTRA (more stage_b.py
+# flags for every launch); CPU=1: a dry run on this machine (--tiny --device cpu, no GPU pinning).
 set -u
 T0=$(date +%s)
 STATE=${STATE:-/tmp/study_out}; WORK=${WORK:-/tmp/sbw}
 TOTAL=${TOTAL:-1400}; PRE_STEPS=${PRE_STEPS:-1000}; PRE_S=${PRE_S:-400}; DATA=${DATA:-data/stageb}
-EXTRA=${EXTRA:-}
+EXTRA=${EXTRA:-}; SEEDS=${SEEDS:-1 2 3 4 5}
 if [ -n "${CPU:-}" ]; then
   EXTRA="$EXTRA --tiny --device cpu"; G0=""; G1=""; GALL=""
 else
@@ -50,13 +50,16 @@ rm -rf models/stage_b_base && mkdir -p models && cat "$STATE"/pre/stage_b_base.t
 
 budget=$(( TOTAL - ($(date +%s) - T0) ))
 # shellcheck disable=SC2086
-$SB --size "$STATE/probe/probe.json" --budget-s "$budget" $GALL $EXTRA > "$STATE/size.env" 2>> "$STATE/launcher.log" \
+$SB --size "$STATE/probe/probe.json" --budget-s "$budget" --seeds $SEEDS $GALL $EXTRA > "$STATE/size.env" 2>> "$STATE/launcher.log" \
   || { log "--size failed; stopping"; exit 1; }
 cat "$STATE/size.env" >> "$STATE/launcher.log"
 . "$STATE/size.env"
+# the step count (capped at --cpt-max-epochs passes) fixes the work; the probe's rate came from fewer runs at once,
+# so the training deadline gets all the time the evaluation does not need (a safety net, not a size)
+[ $(( budget - EVAL_S - 60 )) -gt "$CPT_S" ] && CPT_S=$(( budget - EVAL_S - 60 ))
 log "CPT: --cpt-steps $CPT_STEPS --cpt-s $CPT_S --eval-s $EVAL_S --num-samples $NSAMP (budget ${budget}s)"
 # shellcheck disable=SC2086
-$SB --base models/stage_b_base $GALL --data "$DATA" --val-every 50 --cpt-steps "$CPT_STEPS" --cpt-s "$CPT_S" \
+$SB --base models/stage_b_base --seeds $SEEDS $GALL --data "$DATA" --val-every 50 --cpt-steps "$CPT_STEPS" --cpt-s "$CPT_S" \
   --eval-s "$EVAL_S" --num-samples "$NSAMP" --workdir "$WORK/cpt" --out "$STATE/cpt" $EXTRA \
   >> "$STATE/launcher.log" 2>&1
 log "CPT launch rc=$?"

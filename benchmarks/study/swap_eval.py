@@ -19,7 +19,10 @@ samples per task and length, the same sample seed as stage A; selection fidelity
 ``<run>__<overrides>`` (``05_taylor2_s3__scorer_method_taylor1``; ``<run>__trained`` without overrides) with
 ``results.json`` in ``<out>/evals/<name>/``. Then ``swaps.md`` / ``swaps.json``: exact match per checkpoint and
 selection, and, over the checkpoints that learned (as-trained exact match >= ``--learned`` on a task at the first
-length), the paired difference between two selections, mean and 95% Student-t interval over checkpoints.
+length), the paired difference between two selections, mean and 95% Student-t interval over checkpoints; the
+fidelity (mass share, oracle-block recall) and the held-out loss at the first length (``--perplexity-samples``
+sequences, the same for every selection) paired over every checkpoint: the comparison that still separates the
+selections where no model retrieves (stage B's text models).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096])
     p.add_argument("--tasks", nargs="+", default=["niah_single", "mqar"])
     p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--perplexity-samples", type=int, default=4,
+                   help="held-out sequences of the first length for the loss (the same ones for every selection)")
     p.add_argument("--learned", type=float, default=0.5,
                    help="a checkpoint counts as having learned a task when its exact match with oracle selection at "
                         "the first length is at least this (independent of the scorers compared)")
@@ -63,18 +68,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.inputs and args.collect is None:
         p.error("give checkpoints / run folders, or --collect <folder>")
-    if any(n < 1 for n in args.lengths) or args.num_samples < 1:
-        p.error("--lengths and --num-samples must be >= 1")
+    if any(n < 1 for n in args.lengths) or args.num_samples < 1 or args.perplexity_samples < 1:
+        p.error("--lengths, --num-samples and --perplexity-samples must be >= 1")
     return args
 
 
 def find_checkpoints(inputs: Sequence[Path]) -> dict[str, Path]:
-    """``{run name: checkpoint}``: a .ckpt file is named by its stem, a run folder by its name; a folder without
-    ``checkpoints/`` contributes every run folder in it."""
+    """``{run name: checkpoint}``: a .ckpt file is named by its run folder when it lies in ``<run>/checkpoints/``
+    (a study's best-validation checkpoint), else by its stem; a run folder by its name (its last.ckpt); a folder
+    without ``checkpoints/`` contributes every run folder in it."""
     found: dict[str, Path] = {}
     for path in inputs:
         if path.is_file():
-            found[path.stem] = path
+            found[path.parent.parent.name if path.parent.name == "checkpoints" else path.stem] = path
         elif (path / "checkpoints" / "last.ckpt").is_file():
             found[path.name] = path / "checkpoints" / "last.ckpt"
         elif path.is_dir():
@@ -124,8 +130,8 @@ def eval_argv(ckpt: Path, out: Path, overrides: Sequence[str], args: argparse.Na
     return [sys.executable, "eval.py", f"ckpt_path={ckpt}", f"output_dir={out}", f"hydra.run.dir={out}",
             f"device={args.device}", f"impl={impl}", f"label={out.name}", f"lengths=[{lengths}]", f"tasks=[{tasks}]",
             f"num_samples={args.num_samples}", f"perplexity.length={args.lengths[0]}", "perplexity.num_buckets=2",
-            "perplexity.num_samples=4", "fidelity.num_samples=8", "batch_size=32", "max_batch_tokens=65536",
-            "plot=false", "progress=false", *(f"override.{o}" for o in overrides)]
+            f"perplexity.num_samples={args.perplexity_samples}", "fidelity.num_samples=8", "batch_size=32",
+            "max_batch_tokens=65536", "plot=false", "progress=false", *(f"override.{o}" for o in overrides)]
 
 
 # ----------------------------------------------------------------------------------------------------- tables
@@ -141,8 +147,9 @@ def load_evals(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def table(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Per run: exact match per (column, length, task), fidelity means, and the scorer it was trained with (known
-    from its no-residual evaluation, which keeps the trained scorer; None otherwise)."""
+    """Per run: exact match per (column, length, task), fidelity means, held-out loss (nats, first length), and the
+    scorer it was trained with (known from its no-residual evaluation, which keeps the trained scorer; None
+    otherwise)."""
     runs: dict[str, Any] = {}
     for run, by_tag in evals.items():
         cells = {}
@@ -150,6 +157,7 @@ def table(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             fid = res.get("fidelity") or {}
             cells[column(name_tag)] = {"exact_match": res["ruler"]["per_task"],
                                        "fidelity": fid.get("mean") if isinstance(fid, Mapping) else None,
+                                       "loss": (res.get("perplexity") or {}).get("loss"),
                                        "overrides": res["eval"].get("overrides", {})}
         own = by_tag.get("rla_mode_none", {}).get("model", {}).get("attention_config", {}).get("scorer", {})
         runs[run] = {"dense": "trained" in by_tag, "trained_scorer": own.get("method"), "cells": cells}
@@ -194,6 +202,21 @@ def paired_fidelity(runs: Mapping[str, Any], a: str, b: str, key: str = "mass_sh
     return {"a": a, "b": b, "key": key, "diffs": diffs, **asdict(iv), "a_higher": sum(d > 0 for d in diffs)}
 
 
+def paired_loss(runs: Mapping[str, Any], a: str, b: str) -> dict[str, Any]:
+    """Held-out loss under ``a`` minus under ``b`` (nats; < 0: ``a`` better), mean and 95% t-interval over every
+    run that has both."""
+    from spla_lit.eval.study import t_interval
+
+    def loss(r: Mapping[str, Any], col: str) -> float | None:
+        col = r["trained_scorer"] if col == WITH_RESIDUAL else col
+        return (r["cells"].get(col) or {}).get("loss") if col else None
+
+    diffs = [la - lb for r in runs.values()
+             if (la := loss(r, a)) is not None and (lb := loss(r, b)) is not None]
+    iv = t_interval(diffs)
+    return {"a": a, "b": b, "diffs": diffs, **asdict(iv), "a_lower": sum(d < 0 for d in diffs)}
+
+
 def _signed(stat: Mapping[str, Any], scale: float, digits: int) -> str:
     """A difference's ``mean ± half`` cell (:func:`~spla_lit.eval.study.fmt_stat`) with its sign always shown."""
     from spla_lit.eval.study import fmt_stat
@@ -202,7 +225,7 @@ def _signed(stat: Mapping[str, Any], scale: float, digits: int) -> str:
 
 
 def markdown(runs: Mapping[str, Any], pairs: Sequence[Mapping[str, Any]], fidelity: Sequence[Mapping[str, Any]],
-             learned: float) -> str:
+             learned: float, losses: Sequence[Mapping[str, Any]] = ()) -> str:
     lengths = _lengths(runs)
     lines = ["# Same weights, other selection", "",
              "Exact match (%) per task, `niah_single / mqar`, of each checkpoint evaluated with each selection. "
@@ -231,6 +254,17 @@ def markdown(runs: Mapping[str, Any], pairs: Sequence[Mapping[str, Any]], fideli
         if p["n"]:
             lines.append(f"| {p['a']} − {p['b']} | {p['key']} | {p['n']} | {p['a_higher']} of {p['n']} | "
                          f"{_signed(p, 1, 3)} |")
+    if any(p["n"] for p in losses):
+        lines += ["", "## Held-out loss", "", "Next-token loss (nats) on held-out sequences of the first length, the "
+                  "same sequences for every selection.", "",
+                  "| run | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]
+        for run, r in runs.items():
+            cells = [(r["cells"].get(c) or {}).get("loss") for c in COLUMNS]
+            lines.append(f"| {run} | " + " | ".join("" if x is None else f"{x:.4f}" for x in cells) + " |")
+        lines += ["", "Paired over every checkpoint with both selections (a − b < 0: a better):", "",
+                  "| a − b | n | a lower in | mean ± 95% t (nats) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {p['a']} − {p['b']} | {p['n']} | {p['a_lower']} of {p['n']} | {_signed(p, 1, 4)} |"
+                  for p in losses if p["n"]]
     lines += ["", f"## Paired differences over the checkpoints that learned the task (oracle selection >= "
                   f"{100 * learned:.0f}% at the first length)", "",
               "| a − b | length | task | n | runs | mean ± 95% t (points) |", "| --- | --- | --- | --- | --- | --- |"]
@@ -254,9 +288,12 @@ def collect(folder: Path, out: Path, learned: float) -> dict[str, Any]:
                           (WITH_RESIDUAL, NO_RESIDUAL))]
     fidelity = [paired_fidelity(runs, a, b, key) for key in ("mass_share", "recall")
                 for a, b in (("taylor2", "taylor1"), ("taylor2", "random"), ("oracle", "taylor2"))]
-    summary = {"runs": runs, "paired": pairs, "paired_fidelity": fidelity, "learned_threshold": learned}
+    losses = [paired_loss(runs, a, b) for a, b in (("taylor2", "taylor1"), ("taylor2", "random"),
+                                                   ("oracle", "taylor2"), (WITH_RESIDUAL, NO_RESIDUAL))]
+    summary = {"runs": runs, "paired": pairs, "paired_fidelity": fidelity, "paired_loss": losses,
+               "learned_threshold": learned}
     write_json(summary, out / "swaps.json")
-    write_text(markdown(runs, pairs, fidelity, learned), out / "swaps.md")
+    write_text(markdown(runs, pairs, fidelity, learned, losses), out / "swaps.md")
     return summary
 
 

@@ -225,6 +225,12 @@ def test_suggest_sizes_both_calls_from_the_probe_rates(tmp_path):
     assert capped["cpt"]["steps"] == 100 and capped["cpt"]["epochs"] == 2.0
     assert capped["cpt"]["deadline_s"] == round(100 / 2 + 60 + 30)
     assert capped["pretrain"]["steps"] == 1000 and capped["pretrain"]["epochs"] == 10.0
+    # a budget the start-up and the evaluation alone exceed: the probe's report says so, with no negative deadline
+    tight = suggest(_args(tmp_path, "--budget-s", "100"), pre, cpt, evals, {"eval": 16, "probe_eval": 2})
+    assert tight["pretrain"]["steps"] == 0 and tight["cpt"]["steps"] == 0
+    md = stage_b.probe_markdown(a, [], tight)
+    assert "call 1 (`--until pretrain`): nothing fits in --budget-s 100" in md and "--pretrain-s -" not in md
+    assert "call 2 (`--base ...`): nothing fits in --budget-s 100" in md and "--cpt-s -" not in md
 
 
 def test_size_prints_the_cpt_call_with_the_evaluation_within_its_share(tmp_path, capsys):

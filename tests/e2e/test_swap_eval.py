@@ -48,12 +48,14 @@ def test_tags_columns_and_eval_command():
         swap_eval.parse_args(["--out", "o"])  # nothing to evaluate
 
 
-def _results(folder: Path, name: str, per_task: dict, mass: float, scorer: str = "taylor2") -> None:
+def _results(folder: Path, name: str, per_task: dict, mass: float, scorer: str = "taylor2",
+             loss: float | None = None) -> None:
     d = folder / name
     d.mkdir(parents=True)
     d.joinpath("results.json").write_text(json.dumps({
         "model": {"attention_config": {"scorer": {"method": scorer}}}, "eval": {"overrides": {}},
-        "ruler": {"per_task": per_task}, "fidelity": {"mean": {"mass_share": mass, "recall": mass}}}))
+        "ruler": {"per_task": per_task}, "fidelity": {"mean": {"mass_share": mass, "recall": mass}},
+        **({} if loss is None else {"perplexity": {"loss": loss}})}))
 
 
 def test_collect_pairs_scorers_on_the_same_weights(tmp_path):
@@ -89,3 +91,31 @@ def test_collect_pairs_scorers_on_the_same_weights(tmp_path):
     md = (tmp_path / "swaps.md").read_text()
     assert "| c_dense_s1 | 100 / 0 | 80 / 0 | 40 / 0 | 0 / 0 | 90 / 0 |  |" in md
     assert "| taylor2 − taylor1 | 1024 | niah_single | 2 | a_taylor1_s1, c_dense_s1 | +40.0 ± 0.0 |" in md
+
+
+def test_collect_pairs_held_out_loss_and_names_best_checkpoints_by_run(tmp_path):
+    em = {"4096": {"niah_single": 0.0}}
+    # two taylor2-trained runs: their own scorer (taylor2) and the residual kept are the same evaluation
+    for run, losses in (("05_taylor2_s1", (2.30, 2.31, 2.50, 2.29, 2.305)),
+                        ("06_taylor2_s2", (2.32, 2.34, 2.60, 2.31, 2.315))):
+        for col, loss in zip(("taylor2", "taylor1", "random", "oracle"), losses[:4]):
+            _results(tmp_path / "evals", f"{run}__scorer_method_{col}", em, 0.5, scorer=col, loss=loss)
+        _results(tmp_path / "evals", f"{run}__rla_mode_none", em, 0.5, loss=losses[4])
+    summary = swap_eval.collect(tmp_path / "evals", tmp_path, learned=0.5)
+    pair = {(p["a"], p["b"]): p for p in summary["paired_loss"]}
+    assert pair[("taylor2", "taylor1")]["diffs"] == pytest.approx([-0.01, -0.02])
+    assert pair[("taylor2", "taylor1")]["a_lower"] == 2
+    assert pair[("own scorer", "no residual")]["diffs"] == pytest.approx([-0.005, 0.005])
+    assert pair[("oracle", "taylor2")]["mean"] == pytest.approx(-0.01)
+    md = (tmp_path / "swaps.md").read_text()
+    assert "| 05_taylor2_s1 |  | 2.3000 | 2.3100 | 2.5000 | 2.2900 | 2.3050 |" in md
+    assert "| taylor2 − random | 2 | 2 of 2 |" in md
+    # a checkpoint file inside <run>/checkpoints/ is named by its run (the study evaluates best-val step files)
+    for run in ("05_taylor2_s1", "06_taylor2_s2"):
+        f = tmp_path / "cpt" / run / "checkpoints" / "step000350.ckpt"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"")
+    loose = tmp_path / "loose.ckpt"
+    loose.write_bytes(b"")
+    found = swap_eval.find_checkpoints(sorted((tmp_path / "cpt").glob("*/checkpoints/step000350.ckpt")) + [loose])
+    assert sorted(found) == ["05_taylor2_s1", "06_taylor2_s2", "loose"]
