@@ -169,10 +169,16 @@ def _lengths(runs: Mapping[str, Any]) -> list[str]:
     return sorted({n for r in runs.values() for c in r["cells"].values() for n in c["exact_match"]}, key=int)
 
 
-def _score(r: Mapping[str, Any], col: str, length: str, task: str) -> float | None:
+def _cell(r: Mapping[str, Any], col: str) -> Mapping[str, Any] | None:
+    """A run's cell of column ``col``; :data:`WITH_RESIDUAL` is the column of the scorer it was trained with
+    (None when unknown or not evaluated)."""
     if col == WITH_RESIDUAL:
         col = r["trained_scorer"]
-    cell = r["cells"].get(col) if col else None
+    return r["cells"].get(col) if col else None
+
+
+def _score(r: Mapping[str, Any], col: str, length: str, task: str) -> float | None:
+    cell = _cell(r, col)
     return None if cell is None else cell["exact_match"][length][task]
 
 
@@ -208,8 +214,7 @@ def paired_loss(runs: Mapping[str, Any], a: str, b: str) -> dict[str, Any]:
     from spla_lit.eval.study import t_interval
 
     def loss(r: Mapping[str, Any], col: str) -> float | None:
-        col = r["trained_scorer"] if col == WITH_RESIDUAL else col
-        return (r["cells"].get(col) or {}).get("loss") if col else None
+        return (_cell(r, col) or {}).get("loss")
 
     diffs = [la - lb for r in runs.values()
              if (la := loss(r, a)) is not None and (lb := loss(r, b)) is not None]
